@@ -1,0 +1,123 @@
+"""The records durably stores and returns: runs, steps, logs, progress."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ClaimedRun",
+    "Disposition",
+    "LogEntry",
+    "LogLevel",
+    "NewRun",
+    "Progress",
+    "Run",
+    "RunResult",
+    "RunStatus",
+    "Step",
+    "StepStatus",
+]
+
+RunStatus = Literal["pending", "leased", "completed", "failed", "cancelled"]
+StepStatus = Literal["completed", "failed"]
+LogLevel = Literal["info", "warn", "error"]
+Disposition = Literal["created", "idempotent"]
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+OutputT = TypeVar("OutputT")
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """How far a run has come, as reported by ``step.progress()``."""
+
+    current: float
+    total: float | None = None
+    message: str | None = None
+
+
+class Run(msgspec.Struct, kw_only=True):
+    """One execution request of a job and everything known about it.
+
+    ``id`` sorts by creation time. Timestamps are timezone-aware UTC datetimes
+    taken from the database clock. ``disposition`` is set on the runs that
+    ``trigger()`` returns: ``"created"``, or ``"idempotent"`` when an existing run
+    with the same idempotency key was returned instead.
+    """
+
+    id: str
+    job_name: str
+    status: RunStatus
+    input: Any
+    output: Any = None
+    error: str | None = None
+    progress: Progress | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    attempt: int = 1
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    disposition: Disposition | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run has ended (completed, failed or cancelled)."""
+        return self.status in TERMINAL_STATUSES
+
+
+class Step(msgspec.Struct, kw_only=True):
+    """A persisted step of a run: its stored result, or the error that failed it."""
+
+    name: str
+    index: int
+    status: StepStatus
+    output: Any = None
+    error: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class LogEntry(msgspec.Struct, kw_only=True):
+    """A message a job wrote with ``step.log``."""
+
+    level: LogLevel
+    message: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    step_name: str | None = None
+    created_at: datetime | None = None
+
+
+class RunResult(msgspec.Struct, Generic[OutputT], kw_only=True):
+    """What ``trigger_and_wait()`` returns: the run id and its typed output."""
+
+    id: str
+    output: OutputT
+    disposition: Disposition
+
+
+class NewRun(msgspec.Struct, kw_only=True):
+    """A run about to be written by ``trigger()``; ``input`` is canonical JSON."""
+
+    id: str
+    job_name: str
+    input: bytes
+    labels: dict[str, str]
+    idempotency_key: str | None
+    concurrency_key: str | None
+
+
+class ClaimedRun(msgspec.Struct, kw_only=True):
+    """A run leased to a worker, with the fencing token and its completed steps.
+
+    ``lease_generation`` guards every write the worker makes for the run.
+    ``steps`` maps a completed step's name to ``(index, stored JSON)``.
+    """
+
+    run: Run
+    lease_generation: int
+    steps: dict[str, tuple[int, bytes]]

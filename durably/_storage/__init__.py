@@ -1,0 +1,1 @@
+"""Storage: the protocol the engine talks to, and its one SQL implementation."""

@@ -1,0 +1,168 @@
+"""``Storage``: every operation the engine performs on the database.
+
+The docstrings are the contract each implementation keeps. Time for leases is
+always the database's clock, never the caller's. A *lease* is a run id plus the
+lease generation returned when the run was claimed: every write made on behalf
+of a running run is guarded by it, so a worker whose lease was taken over (or
+whose run was cancelled) writes nothing and learns so from a ``False`` result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
+
+
+class Lease(msgspec.Struct, frozen=True):
+    """The fencing token of a claimed run."""
+
+    run_id: str
+    generation: int
+
+
+class StepRecord(msgspec.Struct, kw_only=True):
+    """A finished step as written: ``output`` is its JSON, ``error`` its failure."""
+
+    name: str
+    index: int
+    output: bytes | None = None
+    error: str | None = None
+    started_at: float
+    completed_at: float
+
+
+class Telemetry(msgspec.Struct, kw_only=True):
+    """Progress and log lines not yet stored; they ride along with the next write."""
+
+    progress: Progress | None = None
+    logs: list[LogEntry] = msgspec.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.progress is not None or bool(self.logs)
+
+
+class RunFilter(msgspec.Struct, kw_only=True):
+    """What ``get_runs`` selects; every given criterion must match."""
+
+    statuses: tuple[str, ...] = ()
+    job_names: tuple[str, ...] = ()
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    limit: int = 50
+    offset: int = 0
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where runs, steps and logs live. Constructors do no I/O; errors are ``StorageError``."""
+
+    @property
+    def url(self) -> str:
+        """The database location, without credentials."""
+        ...
+
+    async def migrate(self) -> None:
+        """Bring the schema to the latest version.
+
+        Idempotent and safe when several processes migrate at once. Raises
+        ``StorageError`` if the database was created by a newer durably.
+        """
+        ...
+
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
+        """Write ``runs`` atomically as ``pending``, in one round trip.
+
+        A run whose ``(job_name, idempotency_key)`` already exists is not
+        written; the existing run is returned in its place with disposition
+        ``"idempotent"``. The others come back with disposition ``"created"``,
+        in the order given.
+        """
+        ...
+
+    async def claim_runs(
+        self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[ClaimedRun]:
+        """Lease up to ``limit`` claimable runs of ``job_names`` in one statement.
+
+        Claimable: ``pending`` runs oldest first, or ``leased`` runs whose lease
+        expired (``expires_at <= now``). A pending run with a concurrency key is
+        claimable only if no run with that key is leased and no older run with
+        that key is pending. Claiming sets the owner, an expiry of ``now +
+        lease_seconds`` and increments the lease generation; each result carries
+        the run's completed steps.
+        """
+        ...
+
+    async def renew_leases(self, leases: Sequence[Lease], *, lease_seconds: float) -> set[str]:
+        """Extend all ``leases`` in one statement; the ids of those still held.
+
+        A lease is held while its run is ``leased`` with the same generation.
+        """
+        ...
+
+    async def release_lease(self, lease: Lease, telemetry: Telemetry) -> bool:
+        """Put a held run back to ``pending`` so any worker may claim it at once."""
+        ...
+
+    async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
+        """Store a finished step (replacing a failed one of the same name) if the lease is held."""
+        ...
+
+    async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
+        """Store progress and logs if the lease is held."""
+        ...
+
+    async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
+        """Mark the run ``completed`` with ``output`` (JSON) and drop the lease, if held."""
+        ...
+
+    async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
+        """Mark the run ``failed`` with ``error`` and drop the lease, if held."""
+        ...
+
+    async def get_run(self, run_id: str) -> Run | None:
+        """The run with ``run_id``, or ``None``."""
+        ...
+
+    async def get_runs(self, run_filter: RunFilter) -> list[Run]:
+        """Runs matching ``run_filter``, newest first."""
+        ...
+
+    async def get_steps(self, run_id: str) -> list[Step]:
+        """The stored steps of a run in execution order; ``NotFoundError`` if no such run."""
+        ...
+
+    async def get_logs(self, run_id: str) -> list[LogEntry]:
+        """The stored log lines of a run, oldest first; ``NotFoundError`` if no such run."""
+        ...
+
+    async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
+        """Cancel a ``pending`` or ``leased`` run; the run and whether this call changed it.
+
+        An already cancelled run is returned unchanged. ``NotFoundError`` for an
+        unknown id, ``ConflictError`` for a completed or failed run.
+        """
+        ...
+
+    async def retry_run(self, run_id: str) -> Run:
+        """Put a ``failed`` or ``cancelled`` run back to ``pending`` with ``attempt + 1``.
+
+        Completed steps are kept. ``NotFoundError``/``ConflictError`` otherwise.
+        """
+        ...
+
+    async def delete_run(self, run_id: str) -> Run:
+        """Delete a run that is not ``pending``/``leased``, with its steps, logs and labels."""
+        ...
+
+    async def purge_runs(self, *, completed_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` terminal runs that ended before the given time."""
+        ...
+
+    async def close(self) -> None:
+        """Release the database; idempotent."""
+        ...

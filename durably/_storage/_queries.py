@@ -1,0 +1,148 @@
+"""Every SQL statement durably runs, by name. SQLite dialect, shared by all adapters."""
+
+from __future__ import annotations
+
+# The database clock as Unix seconds; julianday() works on every SQLite in use
+# (unixepoch('subsec') needs 3.42, newer than Debian's 3.40).
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+RUN_COLUMNS = (
+    "id, job_name, status, input, output, error, progress, labels, idempotency_key,"
+    " concurrency_key, attempt, created_at, started_at, completed_at"
+)
+
+TERMINAL = "('completed', 'failed', 'cancelled')"
+
+HELD = "id = ? AND status = 'leased' AND lease_generation = ?"
+LEASE_IS_HELD = f"EXISTS (SELECT 1 FROM durably_runs WHERE {HELD})"
+
+INSERT_RUN = f"""
+INSERT INTO durably_runs
+    (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at)
+VALUES (?, ?, 'pending', ?, ?, ?, ?, {NOW})
+ON CONFLICT DO NOTHING"""
+
+INSERT_LABELS = """
+INSERT INTO durably_labels (key, value, run_seq)
+SELECT j.key, j.value, r.seq FROM durably_runs r, json_each(?) j WHERE r.id = ?"""
+
+SELECT_RUN_BY_ID = f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE id = ?"
+SELECT_RUN_BY_IDEMPOTENCY_KEY = (
+    f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE job_name = ? AND idempotency_key = ?"
+)
+
+# One statement: stale leases first, then pending runs oldest first, where a
+# concurrency key admits only its oldest pending run and only while none holds it.
+CLAIM_RUNS = f"""
+UPDATE durably_runs SET
+    status = 'leased',
+    lease_owner = ?1,
+    lease_generation = lease_generation + 1,
+    lease_expires_at = {NOW} + ?2,
+    started_at = COALESCE(started_at, {NOW})
+WHERE seq IN (
+    SELECT seq FROM durably_runs
+    WHERE status = 'leased' AND lease_expires_at <= {NOW}
+      AND job_name IN (SELECT value FROM json_each(?3))
+    UNION ALL
+    SELECT seq FROM (
+        SELECT seq FROM durably_runs AS r
+        WHERE status = 'pending'
+          AND job_name IN (SELECT value FROM json_each(?3))
+          AND (concurrency_key IS NULL OR (
+              NOT EXISTS (SELECT 1 FROM durably_runs AS o
+                          WHERE o.concurrency_key = r.concurrency_key AND o.status = 'leased')
+              AND NOT EXISTS (SELECT 1 FROM durably_runs AS o
+                              WHERE o.concurrency_key = r.concurrency_key
+                                AND o.status = 'pending' AND o.seq < r.seq)))
+        ORDER BY seq LIMIT ?4)
+    LIMIT ?4)
+RETURNING {RUN_COLUMNS}, lease_generation,
+    (SELECT json_group_array(json_array(s.name, s.idx, s.output)) FROM durably_steps AS s
+     WHERE s.run_id = durably_runs.id AND s.status = 'completed')"""
+
+RENEW_LEASES = f"""
+UPDATE durably_runs SET lease_expires_at = {NOW} + ?1
+WHERE id IN (SELECT value FROM json_each(?2)) AND status = 'leased'
+  AND id || ':' || lease_generation IN (SELECT value FROM json_each(?3))
+RETURNING id"""
+
+RELEASE_LEASE = f"""
+UPDATE durably_runs SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+    progress = COALESCE(?, progress)
+WHERE {HELD} RETURNING 1"""
+
+SAVE_STEP = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, error, started_at, completed_at)
+SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE {LEASE_IS_HELD}
+ON CONFLICT (run_id, name) DO UPDATE SET
+    idx = excluded.idx, status = excluded.status, output = excluded.output,
+    error = excluded.error, started_at = excluded.started_at,
+    completed_at = excluded.completed_at
+RETURNING 1"""
+
+SAVE_PROGRESS = f"UPDATE durably_runs SET progress = ? WHERE {HELD} RETURNING 1"
+
+# Log lines travel as one JSON array of [step_name, level, message, data, created_at].
+SAVE_LOGS = f"""
+INSERT INTO durably_logs (run_id, step_name, level, message, data, created_at)
+SELECT ?, j.value ->> '$[0]', j.value ->> '$[1]', j.value ->> '$[2]', j.value -> '$[3]',
+       j.value ->> '$[4]'
+FROM json_each(?) AS j WHERE {LEASE_IS_HELD}"""
+
+COMPLETE_RUN = f"""
+UPDATE durably_runs SET status = 'completed', output = ?, progress = COALESCE(?, progress),
+    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
+WHERE {HELD} RETURNING 1"""
+
+FAIL_RUN = f"""
+UPDATE durably_runs SET status = 'failed', error = ?, progress = COALESCE(?, progress),
+    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
+WHERE {HELD} RETURNING 1"""
+
+CANCEL_RUN = f"""
+UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = ? AND status IN ('pending', 'leased') RETURNING 1"""
+
+RETRY_RUN = """
+UPDATE durably_runs SET status = 'pending', attempt = attempt + 1, output = NULL,
+    error = NULL, started_at = NULL, completed_at = NULL,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING 1"""
+
+DELETE_STEPS = f"""
+DELETE FROM durably_steps WHERE run_id = ?1
+  AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
+DELETE_LOGS = f"""
+DELETE FROM durably_logs WHERE run_id = ?1
+  AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
+DELETE_LABELS = f"""
+DELETE FROM durably_labels
+WHERE run_seq = (SELECT seq FROM durably_runs WHERE id = ? AND status IN {TERMINAL})"""
+DELETE_RUN = f"DELETE FROM durably_runs WHERE id = ? AND status IN {TERMINAL} RETURNING {RUN_COLUMNS}"
+
+_PURGE_VICTIMS = f"""
+SELECT seq FROM durably_runs
+WHERE completed_at < ?1 AND status IN {TERMINAL} ORDER BY completed_at LIMIT ?2"""
+PURGE_STEPS = f"""
+DELETE FROM durably_steps
+WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
+PURGE_LOGS = f"""
+DELETE FROM durably_logs
+WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
+PURGE_LABELS = f"DELETE FROM durably_labels WHERE run_seq IN ({_PURGE_VICTIMS})"
+PURGE_RUNS = f"DELETE FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}) RETURNING 1"
+
+SELECT_STEPS = """
+SELECT name, idx, status, output, error, started_at, completed_at
+FROM durably_steps WHERE run_id = ? ORDER BY idx, started_at"""
+
+SELECT_LOGS = """
+SELECT step_name, level, message, data, created_at
+FROM durably_logs WHERE run_id = ? ORDER BY seq"""
+
+RUN_EXISTS = "SELECT 1 FROM durably_runs WHERE id = ?"
+
+SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM durably_schema_versions"
+RECORD_VERSION = f"INSERT INTO durably_schema_versions (version, applied_at) VALUES (?, {NOW})"

@@ -1,0 +1,293 @@
+"""``SqlStorage``: the Storage contract written once in SQL over a ``Driver``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+
+from durably import _codec
+from durably._clock import to_datetime
+from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
+from durably._storage import _queries as q
+from durably._storage._driver import Driver, Row, Statement, Value
+from durably._storage._protocol import Lease, RunFilter, StepRecord, Telemetry
+from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
+from durably.errors import ConflictError, NotFoundError, StorageError
+
+_RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
+
+
+def _text(value: Value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _json(value: Value) -> Any:
+    return None if value is None else _codec.decode(_text(value))
+
+
+def _run_from_row(row: Row, disposition: str | None = None) -> Run:
+    progress = row[6]
+    return Run(
+        id=_text(row[0]),
+        job_name=_text(row[1]),
+        status=_text(row[2]),  # type: ignore[arg-type]
+        input=_json(row[3]),
+        output=_json(row[4]),
+        error=None if row[5] is None else _text(row[5]),
+        progress=None if progress is None else _codec.decode_as(_text(progress), Progress),
+        labels=_json(row[7]) or {},
+        idempotency_key=None if row[8] is None else _text(row[8]),
+        concurrency_key=None if row[9] is None else _text(row[9]),
+        attempt=int(row[10] or 1),
+        created_at=to_datetime(float(row[11] or 0)),  # type: ignore[arg-type]
+        started_at=to_datetime(None if row[12] is None else float(row[12])),
+        completed_at=to_datetime(None if row[13] is None else float(row[13])),
+        disposition=disposition,  # type: ignore[arg-type]
+    )
+
+
+def _claimed_from_row(row: Row) -> ClaimedRun:
+    steps: dict[str, tuple[int, bytes]] = {}
+    for name, index, output in _json(row[_RUN_WIDTH + 1]) or ():
+        steps[name] = (int(index), output.encode() if output is not None else b"null")
+    return ClaimedRun(
+        run=_run_from_row(row[:_RUN_WIDTH]),
+        lease_generation=int(row[_RUN_WIDTH]),  # type: ignore[arg-type]
+        steps=steps,
+    )
+
+
+def _progress_json(progress: Progress | None) -> str | None:
+    return None if progress is None else _codec.encode(progress).decode()
+
+
+def _log_statements(lease: Lease, telemetry: Telemetry) -> list[Statement]:
+    if not telemetry.logs:
+        return []
+    lines = [
+        [log.step_name, log.level, log.message, log.data,
+         log.created_at.timestamp() if log.created_at else None]
+        for log in telemetry.logs
+    ]
+    return [(q.SAVE_LOGS, (lease.run_id, _codec.encode(lines).decode(), lease.run_id, lease.generation))]
+
+
+def _held(rows: list[Row]) -> bool:
+    return bool(rows)
+
+
+class SqlStorage:
+    """The ``Storage`` implementation for every SQLite-family database."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+
+    @property
+    def url(self) -> str:
+        return self._driver.url
+
+    async def migrate(self) -> None:
+        await self._driver.write([(CREATE_VERSION_TABLE, ())])
+        current = await self._schema_version()
+        if current > LATEST_VERSION:
+            raise StorageError(
+                f"the database at {self.url} has schema version {current}, newer than"
+                f" this durably supports ({LATEST_VERSION}); upgrade durably"
+            )
+        for version in range(current + 1, LATEST_VERSION + 1):
+            statements: list[Statement] = [(sql, ()) for sql in MIGRATIONS[version - 1]]
+            statements.append((q.RECORD_VERSION, (version,)))
+            try:
+                await self._driver.write(statements)
+            except StorageError:
+                # Another process may have applied this version at the same time.
+                if await self._schema_version() < version:
+                    raise
+
+    async def _schema_version(self) -> int:
+        rows = await self._driver.read(q.SCHEMA_VERSION)
+        return int(rows[0][0] or 0)  # type: ignore[arg-type]
+
+    async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
+        statements: list[Statement] = []
+        for run in runs:
+            labels = _codec.encode(run.labels).decode()
+            statements.append((q.INSERT_RUN, (
+                run.id, run.job_name, run.input.decode(), labels,
+                run.idempotency_key, run.concurrency_key,
+            )))
+            if run.labels:
+                statements.append((q.INSERT_LABELS, (labels, run.id)))
+        for run in runs:
+            if run.idempotency_key is None:
+                statements.append((q.SELECT_RUN_BY_ID, (run.id,)))
+            else:
+                statements.append((q.SELECT_RUN_BY_IDEMPOTENCY_KEY, (run.job_name, run.idempotency_key)))
+        results = await self._driver.write(statements)
+        created = []
+        for run, rows in zip(runs, results[-len(runs):], strict=True):
+            stored = rows[0]
+            created.append(_run_from_row(stored, "created" if stored[0] == run.id else "idempotent"))
+        return created
+
+    async def claim_runs(
+        self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
+    ) -> list[ClaimedRun]:
+        params = (worker_id, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        [rows] = await self._driver.write([(q.CLAIM_RUNS, params)])
+        claimed = [_claimed_from_row(row) for row in rows]
+        claimed.sort(key=lambda c: c.run.id)
+        return claimed
+
+    async def renew_leases(self, leases: Sequence[Lease], *, lease_seconds: float) -> set[str]:
+        if not leases:
+            return set()
+        ids = _codec.encode([lease.run_id for lease in leases]).decode()
+        pairs = _codec.encode([f"{lease.run_id}:{lease.generation}" for lease in leases]).decode()
+        [rows] = await self._driver.write([(q.RENEW_LEASES, (lease_seconds, ids, pairs))])
+        return {_text(row[0]) for row in rows}
+
+    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry) -> bool:
+        # Logs first: once ``main`` ends the lease, their guard would refuse them.
+        results = await self._driver.write([*_log_statements(lease, telemetry), main])
+        return _held(results[-1])
+
+    async def release_lease(self, lease: Lease, telemetry: Telemetry) -> bool:
+        params = (_progress_json(telemetry.progress), lease.run_id, lease.generation)
+        return await self._guarded(lease, (q.RELEASE_LEASE, params), telemetry)
+
+    async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
+        statements: list[Statement] = [(q.SAVE_STEP, (
+            lease.run_id, step.name, step.index,
+            "failed" if step.error is not None else "completed",
+            None if step.output is None else step.output.decode(), step.error,
+            step.started_at, step.completed_at, lease.run_id, lease.generation,
+        ))]
+        if telemetry.progress is not None:
+            statements.append((q.SAVE_PROGRESS, (
+                _progress_json(telemetry.progress), lease.run_id, lease.generation,
+            )))
+        statements.extend(_log_statements(lease, telemetry))
+        results = await self._driver.write(statements)
+        return _held(results[0])
+
+    async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
+        progress = (q.SAVE_PROGRESS, (_progress_json(telemetry.progress), lease.run_id, lease.generation))
+        if telemetry.progress is None:
+            # Only logs: the progress statement still tells whether the lease is held.
+            progress = (
+                "SELECT 1 FROM durably_runs WHERE " + q.HELD, (lease.run_id, lease.generation)
+            )
+        return await self._guarded(lease, progress, telemetry)
+
+    async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
+        params = (output.decode(), _progress_json(telemetry.progress), lease.run_id, lease.generation)
+        return await self._guarded(lease, (q.COMPLETE_RUN, params), telemetry)
+
+    async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
+        params = (error, _progress_json(telemetry.progress), lease.run_id, lease.generation)
+        return await self._guarded(lease, (q.FAIL_RUN, params), telemetry)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        rows = await self._driver.read(q.SELECT_RUN_BY_ID, (run_id,))
+        return _run_from_row(rows[0]) if rows else None
+
+    async def get_runs(self, run_filter: RunFilter) -> list[Run]:
+        where: list[str] = []
+        params: list[Value] = []
+        for column, values in (("status", run_filter.statuses), ("job_name", run_filter.job_names)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        for key, value in run_filter.labels.items():
+            where.append("seq IN (SELECT run_seq FROM durably_labels WHERE key = ? AND value = ?)")
+            params.extend((key, value))
+        sql = f"SELECT {q.RUN_COLUMNS} FROM durably_runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+        params.extend((run_filter.limit, run_filter.offset))
+        return [_run_from_row(row) for row in await self._driver.read(sql, params)]
+
+    async def _require_run(self, run_id: str) -> None:
+        if not await self._driver.read(q.RUN_EXISTS, (run_id,)):
+            raise NotFoundError(f"no run with id {run_id!r}")
+
+    async def get_steps(self, run_id: str) -> list[Step]:
+        rows = await self._driver.read(q.SELECT_STEPS, (run_id,))
+        if not rows:
+            await self._require_run(run_id)
+        return [
+            Step(
+                name=_text(name), index=int(index),  # type: ignore[arg-type]
+                status=_text(status),  # type: ignore[arg-type]
+                output=_json(output), error=None if error is None else _text(error),
+                started_at=to_datetime(started), completed_at=to_datetime(completed),  # type: ignore[arg-type]
+            )
+            for name, index, status, output, error, started, completed in rows
+        ]
+
+    async def get_logs(self, run_id: str) -> list[LogEntry]:
+        rows = await self._driver.read(q.SELECT_LOGS, (run_id,))
+        if not rows:
+            await self._require_run(run_id)
+        return [
+            LogEntry(
+                step_name=None if step is None else _text(step),
+                level=_text(level),  # type: ignore[arg-type]
+                message=_text(message), data=_json(data) or {},
+                created_at=to_datetime(float(created)),  # type: ignore[arg-type]
+            )
+            for step, level, message, data, created in rows
+        ]
+
+    async def _change_status(self, sql: str, run_id: str) -> tuple[Run, bool]:
+        changed, current = await self._driver.write([(sql, (run_id,)), (q.SELECT_RUN_BY_ID, (run_id,))])
+        if not current:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return _run_from_row(current[0]), bool(changed)
+
+    async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
+        run, changed = await self._change_status(q.CANCEL_RUN, run_id)
+        if not changed and run.status != "cancelled":
+            raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
+        return run, changed
+
+    async def retry_run(self, run_id: str) -> Run:
+        run, changed = await self._change_status(q.RETRY_RUN, run_id)
+        if not changed:
+            raise ConflictError(
+                f"run {run_id} is {run.status}; only failed or cancelled runs can be retried"
+            )
+        return run
+
+    async def delete_run(self, run_id: str) -> Run:
+        results = await self._driver.write([
+            (q.DELETE_STEPS, (run_id,)),
+            (q.DELETE_LOGS, (run_id,)),
+            (q.DELETE_LABELS, (run_id,)),
+            (q.DELETE_RUN, (run_id,)),
+            (q.SELECT_RUN_BY_ID, (run_id,)),
+        ])
+        deleted, remaining = results[3], results[4]
+        if deleted:
+            return _run_from_row(deleted[0])
+        if not remaining:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        status = _text(remaining[0][2])
+        raise ConflictError(f"run {run_id} is {status}; only ended runs can be deleted")
+
+    async def purge_runs(self, *, completed_before: datetime, limit: int) -> int:
+        params = (completed_before.timestamp(), limit)
+        results = await self._driver.write([
+            (q.PURGE_STEPS, params), (q.PURGE_LOGS, params), (q.PURGE_LABELS, params),
+            (q.PURGE_RUNS, params),
+        ])
+        return len(results[-1])
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+

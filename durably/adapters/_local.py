@@ -1,0 +1,177 @@
+"""The local-file driver: stdlib ``sqlite3`` on one dedicated thread, with group commit.
+
+A thread hop costs several times a SQLite statement, so the thread takes every
+operation waiting in its queue at once and runs them in one ``BEGIN IMMEDIATE``
+transaction (each inside its own savepoint, so one failing operation does not
+undo the others), then answers them all with a single wake-up of the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import anyio
+
+from durably._storage._driver import Row, Statement, Value
+from durably._storage._sql import SqlStorage
+from durably.errors import StorageError
+
+_MAX_GROUP = 128
+_BUSY_TIMEOUT_MS = 10_000
+
+
+class _Job(NamedTuple):
+    statements: Sequence[Statement]
+    write: bool
+    future: asyncio.Future[list[list[Row]]]
+    loop: asyncio.AbstractEventLoop
+
+
+def _deliver(answers: list[tuple[asyncio.Future[list[list[Row]]], Any]]) -> None:
+    for future, answer in answers:
+        if future.done():
+            continue  # the caller was cancelled; the work happened all the same
+        if isinstance(answer, BaseException):
+            future.set_exception(answer)
+        else:
+            future.set_result(answer)
+
+
+class LocalFileDriver:
+    """Runs statements on a SQLite file (or ``:memory:``) from one worker thread."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return f"file:{self._path}"
+
+    async def read(self, sql: str, params: Sequence[Value] = ()) -> list[Row]:
+        return (await self._submit(((sql, params),), write=False))[0]
+
+    async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        return await self._submit(statements, write=True)
+
+    async def _submit(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
+        if self._closed:
+            raise StorageError(f"{self.url}: storage is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[Row]]] = loop.create_future()
+        self._queue.put(_Job(statements, write, future, loop))
+        return await future
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            thread = self._thread
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(thread.join)
+
+    # --- on the database thread -------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        if self._path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        running = True
+        while running:
+            jobs: list[_Job] = []
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs.append(first)
+            while len(jobs) < _MAX_GROUP:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    running = False
+                    break
+                jobs.append(job)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                answers = self._run_group(conn, jobs)
+            except Exception as exc:  # answer every waiter, whatever went wrong
+                error = self._error(exc)
+                answers = [(job.future, error) for job in jobs]
+            self._answer(jobs, answers)
+        if conn is not None:
+            conn.close()
+
+    def _run_group(
+        self, conn: sqlite3.Connection, jobs: list[_Job]
+    ) -> list[tuple[asyncio.Future[list[list[Row]]], Any]]:
+        if len(jobs) == 1 and not jobs[0].write:
+            return [(jobs[0].future, self._run(conn, jobs[0].statements))]
+        conn.execute("BEGIN IMMEDIATE")
+        answers: list[tuple[asyncio.Future[list[list[Row]]], Any]] = []
+        try:
+            for job in jobs:
+                conn.execute("SAVEPOINT durably_op")
+                try:
+                    answer: Any = self._run(conn, job.statements)
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO durably_op")
+                    answer = self._error(exc)
+                conn.execute("RELEASE durably_op")
+                answers.append((job.future, answer))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return answers
+
+    @staticmethod
+    def _run(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
+        return [conn.execute(sql, params).fetchall() for sql, params in statements]
+
+    def _error(self, exc: Exception) -> StorageError:
+        message = str(exc)
+        transient = "locked" in message or "busy" in message
+        error = StorageError(f"{self.url}: {message}", transient=transient)
+        error.__cause__ = exc
+        return error
+
+    @staticmethod
+    def _answer(jobs: list[_Job], answers: list[tuple[asyncio.Future[list[list[Row]]], Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[list[Row]]], Any]]] = {}
+        for job, answer in zip(jobs, answers, strict=True):
+            by_loop.setdefault(job.loop, []).append(answer)
+        for loop, loop_answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, loop_answers)
+            except RuntimeError:
+                pass  # that event loop is closed; nobody is waiting any more
+
+
+class LocalFileStorage(SqlStorage):
+    """Storage in a local SQLite file (WAL), or ``:memory:``; the default adapter."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(LocalFileDriver(path))
