@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import msgspec
@@ -28,14 +27,15 @@ def decode(data: bytes | str) -> Any:
     return _decoder.decode(data)
 
 
-@lru_cache(maxsize=256)
-def _typed_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(type_)
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
 def decode_as(data: bytes | str, type_: type[T] | Any) -> T:
     """``data`` decoded and validated as ``type_``; ``msgspec.ValidationError`` if it does not fit."""
-    return _typed_decoder(type_).decode(data)  # type: ignore[no-any-return]
+    decoder = _decoders.get(type_)
+    if decoder is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder.decode(data)  # type: ignore[no-any-return]
 
 
 def canonical(value: Any, type_: Any, *, what: str) -> bytes:

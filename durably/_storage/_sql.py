@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-
 from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
@@ -21,6 +20,14 @@ _RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
 
 def _text(value: Value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Value) -> int:
+    return int(value or 0)
+
+
+def _float(value: Value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _json(value: Value) -> Any:
@@ -41,9 +48,9 @@ def _run_from_row(row: Row, disposition: str | None = None) -> Run:
         idempotency_key=None if row[8] is None else _text(row[8]),
         concurrency_key=None if row[9] is None else _text(row[9]),
         attempt=int(row[10] or 1),
-        created_at=to_datetime(float(row[11] or 0)),  # type: ignore[arg-type]
-        started_at=to_datetime(None if row[12] is None else float(row[12])),
-        completed_at=to_datetime(None if row[13] is None else float(row[13])),
+        created_at=to_datetime(_float(row[11])),  # type: ignore[arg-type]
+        started_at=to_datetime(_float(row[12])),
+        completed_at=to_datetime(_float(row[13])),
         disposition=disposition,  # type: ignore[arg-type]
     )
 
@@ -54,7 +61,7 @@ def _claimed_from_row(row: Row) -> ClaimedRun:
         steps[name] = (int(index), output.encode() if output is not None else b"null")
     return ClaimedRun(
         run=_run_from_row(row[:_RUN_WIDTH]),
-        lease_generation=int(row[_RUN_WIDTH]),  # type: ignore[arg-type]
+        lease_generation=_int(row[_RUN_WIDTH]),
         steps=steps,
     )
 
@@ -67,8 +74,13 @@ def _log_statements(lease: Lease, telemetry: Telemetry) -> list[Statement]:
     if not telemetry.logs:
         return []
     lines = [
-        [log.step_name, log.level, log.message, log.data,
-         log.created_at.timestamp() if log.created_at else None]
+        [
+            log.step_name,
+            log.level,
+            log.message,
+            log.data,
+            log.created_at.timestamp() if log.created_at else None,
+        ]
         for log in telemetry.logs
     ]
     return [(q.SAVE_LOGS, (lease.run_id, _codec.encode(lines).decode(), lease.run_id, lease.generation))]
@@ -108,16 +120,25 @@ class SqlStorage:
 
     async def _schema_version(self) -> int:
         rows = await self._driver.read(q.SCHEMA_VERSION)
-        return int(rows[0][0] or 0)  # type: ignore[arg-type]
+        return _int(rows[0][0])
 
     async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
         statements: list[Statement] = []
         for run in runs:
             labels = _codec.encode(run.labels).decode()
-            statements.append((q.INSERT_RUN, (
-                run.id, run.job_name, run.input.decode(), labels,
-                run.idempotency_key, run.concurrency_key,
-            )))
+            statements.append(
+                (
+                    q.INSERT_RUN,
+                    (
+                        run.id,
+                        run.job_name,
+                        run.input.decode(),
+                        labels,
+                        run.idempotency_key,
+                        run.concurrency_key,
+                    ),
+                )
+            )
             if run.labels:
                 statements.append((q.INSERT_LABELS, (labels, run.id)))
         for run in runs:
@@ -127,7 +148,7 @@ class SqlStorage:
                 statements.append((q.SELECT_RUN_BY_IDEMPOTENCY_KEY, (run.job_name, run.idempotency_key)))
         results = await self._driver.write(statements)
         created = []
-        for run, rows in zip(runs, results[-len(runs):], strict=True):
+        for run, rows in zip(runs, results[-len(runs) :], strict=True):
             stored = rows[0]
             created.append(_run_from_row(stored, "created" if stored[0] == run.id else "idempotent"))
         return created
@@ -159,27 +180,43 @@ class SqlStorage:
         return await self._guarded(lease, (q.RELEASE_LEASE, params), telemetry)
 
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
-        statements: list[Statement] = [(q.SAVE_STEP, (
-            lease.run_id, step.name, step.index,
-            "failed" if step.error is not None else "completed",
-            None if step.output is None else step.output.decode(), step.error,
-            step.started_at, step.completed_at, lease.run_id, lease.generation,
-        ))]
+        statements: list[Statement] = [
+            (
+                q.SAVE_STEP,
+                (
+                    lease.run_id,
+                    step.name,
+                    step.index,
+                    "failed" if step.error is not None else "completed",
+                    None if step.output is None else step.output.decode(),
+                    step.error,
+                    step.started_at,
+                    step.completed_at,
+                    lease.run_id,
+                    lease.generation,
+                ),
+            )
+        ]
         if telemetry.progress is not None:
-            statements.append((q.SAVE_PROGRESS, (
-                _progress_json(telemetry.progress), lease.run_id, lease.generation,
-            )))
+            statements.append(
+                (
+                    q.SAVE_PROGRESS,
+                    (
+                        _progress_json(telemetry.progress),
+                        lease.run_id,
+                        lease.generation,
+                    ),
+                )
+            )
         statements.extend(_log_statements(lease, telemetry))
         results = await self._driver.write(statements)
         return _held(results[0])
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
-        progress = (q.SAVE_PROGRESS, (_progress_json(telemetry.progress), lease.run_id, lease.generation))
+        progress: Statement = (q.SAVE_PROGRESS, (_progress_json(telemetry.progress), lease.run_id, lease.generation))
         if telemetry.progress is None:
             # Only logs: the progress statement still tells whether the lease is held.
-            progress = (
-                "SELECT 1 FROM durably_runs WHERE " + q.HELD, (lease.run_id, lease.generation)
-            )
+            progress = ("SELECT 1 FROM durably_runs WHERE " + q.HELD, (lease.run_id, lease.generation))
         return await self._guarded(lease, progress, telemetry)
 
     async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
@@ -221,10 +258,13 @@ class SqlStorage:
             await self._require_run(run_id)
         return [
             Step(
-                name=_text(name), index=int(index),  # type: ignore[arg-type]
+                name=_text(name),
+                index=_int(index),
                 status=_text(status),  # type: ignore[arg-type]
-                output=_json(output), error=None if error is None else _text(error),
-                started_at=to_datetime(started), completed_at=to_datetime(completed),  # type: ignore[arg-type]
+                output=_json(output),
+                error=None if error is None else _text(error),
+                started_at=to_datetime(_float(started)),
+                completed_at=to_datetime(_float(completed)),
             )
             for name, index, status, output, error, started, completed in rows
         ]
@@ -237,8 +277,9 @@ class SqlStorage:
             LogEntry(
                 step_name=None if step is None else _text(step),
                 level=_text(level),  # type: ignore[arg-type]
-                message=_text(message), data=_json(data) or {},
-                created_at=to_datetime(float(created)),  # type: ignore[arg-type]
+                message=_text(message),
+                data=_json(data) or {},
+                created_at=to_datetime(_float(created)),
             )
             for step, level, message, data, created in rows
         ]
@@ -258,19 +299,19 @@ class SqlStorage:
     async def retry_run(self, run_id: str) -> Run:
         run, changed = await self._change_status(q.RETRY_RUN, run_id)
         if not changed:
-            raise ConflictError(
-                f"run {run_id} is {run.status}; only failed or cancelled runs can be retried"
-            )
+            raise ConflictError(f"run {run_id} is {run.status}; only failed or cancelled runs can be retried")
         return run
 
     async def delete_run(self, run_id: str) -> Run:
-        results = await self._driver.write([
-            (q.DELETE_STEPS, (run_id,)),
-            (q.DELETE_LOGS, (run_id,)),
-            (q.DELETE_LABELS, (run_id,)),
-            (q.DELETE_RUN, (run_id,)),
-            (q.SELECT_RUN_BY_ID, (run_id,)),
-        ])
+        results = await self._driver.write(
+            [
+                (q.DELETE_STEPS, (run_id,)),
+                (q.DELETE_LOGS, (run_id,)),
+                (q.DELETE_LABELS, (run_id,)),
+                (q.DELETE_RUN, (run_id,)),
+                (q.SELECT_RUN_BY_ID, (run_id,)),
+            ]
+        )
         deleted, remaining = results[3], results[4]
         if deleted:
             return _run_from_row(deleted[0])
@@ -281,13 +322,15 @@ class SqlStorage:
 
     async def purge_runs(self, *, completed_before: datetime, limit: int) -> int:
         params = (completed_before.timestamp(), limit)
-        results = await self._driver.write([
-            (q.PURGE_STEPS, params), (q.PURGE_LOGS, params), (q.PURGE_LABELS, params),
-            (q.PURGE_RUNS, params),
-        ])
+        results = await self._driver.write(
+            [
+                (q.PURGE_STEPS, params),
+                (q.PURGE_LOGS, params),
+                (q.PURGE_LABELS, params),
+                (q.PURGE_RUNS, params),
+            ]
+        )
         return len(results[-1])
 
     async def close(self) -> None:
         await self._driver.close()
-
-

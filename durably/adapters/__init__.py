@@ -50,12 +50,16 @@ def open_storage(
     Raises ``ConfigurationError`` naming the accepted forms when ``url`` fits none.
     """
     if not isinstance(url, str):
-        raise ConfigurationError(f"storage URL must be a string, got {type(url).__name__}; accepted: {_ACCEPTED}")
+        raise ConfigurationError(
+            f"storage URL must be a string, got {type(url).__name__}; accepted: {_ACCEPTED}"
+        )
     if sync_interval is not None and sync_interval <= 0:
         raise ConfigurationError(f"sync_interval must be a positive number of seconds, got {sync_interval!r}")
     if url.startswith(_REMOTE_SCHEMES):
         if sync_url is not None:
-            raise ConfigurationError(f"sync_url= goes with a local 'file:PATH' URL, not {url.split('://')[0]}://")
+            raise ConfigurationError(
+                f"sync_url= goes with a local 'file:PATH' URL, not {url.split('://', maxsplit=1)[0]}://"
+            )
         from durably.adapters._remote import RemoteStorage
 
         return RemoteStorage(url, auth_token=auth_token)
@@ -68,7 +72,9 @@ def open_storage(
         from durably.adapters._replica import EmbeddedReplicaStorage
 
         return EmbeddedReplicaStorage(
-            path, sync_url=sync_url, auth_token=auth_token,
+            path,
+            sync_url=sync_url,
+            auth_token=auth_token,
             sync_interval=1.0 if sync_interval is None else sync_interval,
         )
     return LocalFileStorage(path)

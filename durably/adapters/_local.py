@@ -9,6 +9,7 @@ undo the others), then answers them all with a single wake-up of the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -164,10 +165,9 @@ class LocalFileDriver:
         for job, answer in zip(jobs, answers, strict=True):
             by_loop.setdefault(job.loop, []).append(answer)
         for loop, loop_answers in by_loop.items():
-            try:
+            # A closed loop raises RuntimeError: nobody is waiting there any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, loop_answers)
-            except RuntimeError:
-                pass  # that event loop is closed; nobody is waiting any more
 
 
 class LocalFileStorage(SqlStorage):

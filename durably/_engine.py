@@ -1,0 +1,606 @@
+"""``Durably``: the job registry, the run API, the worker's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+import structlog
+
+from durably import _clock, _codec, _ids
+from durably._events import (
+    EventBus,
+    Handler,
+    LogWriteEvent,
+    RunCancelEvent,
+    RunDeleteEvent,
+    RunProgressEvent,
+    RunRetryEvent,
+    RunTriggerEvent,
+)
+from durably._job import JobDefinition, JobHandle
+from durably._models import TERMINAL_STATUSES, LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably._storage._protocol import RunFilter, Storage
+from durably._worker import Worker
+from durably.adapters import open_storage
+from durably.errors import (
+    ConfigurationError,
+    NotFoundError,
+    RunCancelledError,
+    RunFailedError,
+    ValidationError,
+)
+
+_logger = structlog.get_logger("durably")
+_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+
+
+class Jobs:
+    """The registered job handles: ``durably.jobs.name`` or ``durably.jobs["name"]``."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, JobHandle[Any, Any]] = {}
+
+    def __getattr__(self, key: str) -> JobHandle[Any, Any]:
+        try:
+            return self._handles[key]
+        except KeyError:
+            raise AttributeError(
+                f"no job registered as {key!r}; registered: {sorted(self._handles)}"
+            ) from None
+
+    def __getitem__(self, key: str) -> JobHandle[Any, Any]:
+        try:
+            return self._handles[key]
+        except KeyError:
+            raise KeyError(f"no job registered as {key!r}; registered: {sorted(self._handles)}") from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._handles
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+class _Outcome(msgspec.Struct):
+    status: str
+    output: bytes | None
+    error: str | None
+
+
+class _Waiter:
+    """Wakes ``wait_for_run`` when a run ends in this process, with how it ended."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.outcome: _Outcome | None = None
+
+
+def _positive(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _as_tuple(
+    name: str, value: str | Sequence[str] | None, allowed: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = (value,) if isinstance(value, str) else tuple(value)
+    for item in values:
+        if not isinstance(item, str) or (allowed is not None and item not in allowed):
+            expected = f"one of {', '.join(allowed)}" if allowed else "a string"
+            raise ValidationError(f"{name} must be {expected}, got {item!r}")
+    return values
+
+
+def _check_labels(labels: Any) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ValidationError(f"labels must be a dict of str to str, got {labels!r}")
+    return labels
+
+
+def _check_key(name: str, key: Any) -> str | None:
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValidationError(f"{name} must be a non-empty string or None, got {key!r}")
+    return key
+
+
+class Durably:
+    """A durably instance: jobs, a storage, and a worker that executes runs.
+
+    Constructing one does no I/O. ``await init()`` (or ``async with``) migrates the
+    schema and starts the worker in the background.
+    """
+
+    def __init__(
+        self,
+        storage: Storage | str,
+        *,
+        polling_interval: float = 0.1,
+        heartbeat_interval: float = 0.5,
+        stale_threshold: float = 3.0,
+        max_concurrent_runs: int = 1,
+    ) -> None:
+        if isinstance(storage, str):
+            storage = open_storage(storage)
+        elif not isinstance(storage, Storage):
+            raise ConfigurationError(
+                f"storage must be a Storage or a URL string, got {type(storage).__name__}"
+            )
+        self.storage: Storage = storage
+        self._polling_interval = _positive("polling_interval", polling_interval)
+        self._heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
+        self._stale_threshold = _positive("stale_threshold", stale_threshold)
+        if self._heartbeat_interval >= self._stale_threshold:
+            raise ConfigurationError(
+                f"heartbeat_interval ({heartbeat_interval}) must be shorter than stale_threshold"
+                f" ({stale_threshold}), or leases expire between renewals"
+            )
+        if (
+            isinstance(max_concurrent_runs, bool)
+            or not isinstance(max_concurrent_runs, int)
+            or max_concurrent_runs < 1
+        ):
+            raise ConfigurationError(f"max_concurrent_runs must be an int >= 1, got {max_concurrent_runs!r}")
+        self._max_concurrent_runs = max_concurrent_runs
+        self.jobs = Jobs()
+        self._definitions: dict[str, JobDefinition[Any, Any]] = {}
+        self._bus = EventBus()
+        self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+        self._worker: Worker | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._migrated = False
+
+    def __repr__(self) -> str:
+        return f"Durably(storage={self.storage.url!r}, jobs={sorted(self._definitions)})"
+
+    # --- registry -------------------------------------------------------------------
+
+    def register(self, **jobs: JobDefinition[Any, Any]) -> Self:
+        """Register job definitions under handle names; returns this instance."""
+        for key, definition in jobs.items():
+            if not isinstance(definition, JobDefinition):
+                raise ConfigurationError(
+                    f"register({key}=...) takes a JobDefinition from define_job(),"
+                    f" got {type(definition).__name__}"
+                )
+            existing = self._definitions.get(definition.name)
+            if existing is not None and existing is not definition:
+                raise ConfigurationError(
+                    f"two different jobs are registered with the name {definition.name!r}"
+                )
+            if key in self.jobs and self.jobs[key].definition is not definition:
+                raise ConfigurationError(f"a job is already registered as {key!r}")
+        for key, definition in jobs.items():
+            self._definitions[definition.name] = definition
+            self.jobs._handles[key] = JobHandle(self, definition)
+        return self
+
+    def job(self, name: str) -> JobHandle[Any, Any]:
+        """The handle of a job by its job name or its registered handle name."""
+        if name in self.jobs:
+            return self.jobs[name]
+        for key in self.jobs:
+            if self.jobs[key].name == name:
+                return self.jobs[key]
+        raise NotFoundError(f"no job named {name!r} is registered; registered: {sorted(self._definitions)}")
+
+    def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler`` (sync or async) for each event of ``event_type`` or ``"*"``."""
+        return self._bus.on(event_type, handler)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema; idempotent and safe across processes."""
+        await self.storage.migrate()
+        self._migrated = True
+
+    async def _ready(self) -> None:
+        if not self._migrated:
+            await self.migrate()
+
+    def _get_worker(self) -> Worker:
+        if self._worker is None:
+            self._worker = Worker(
+                storage=self.storage,
+                bus=self._bus,
+                jobs=self._definitions,
+                worker_id=self.worker_id,
+                polling_interval=self._polling_interval,
+                heartbeat_interval=self._heartbeat_interval,
+                stale_threshold=self._stale_threshold,
+                max_concurrent_runs=self._max_concurrent_runs,
+                on_finished=self._run_finished,
+            )
+        return self._worker
+
+    def start(self) -> None:
+        """Start the worker in the background (call ``migrate()`` first)."""
+        if self._serving is not None and not self._serving.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError("start() must be called from a running event loop") from None
+        self._serving = loop.create_task(self._get_worker().serve(), name="durably-worker")
+
+    async def init(self) -> None:
+        """``migrate()`` then ``start()``."""
+        await self.migrate()
+        self.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming; let in-flight runs finish within ``timeout``, then release their leases."""
+        serving, self._serving = self._serving, None
+        if serving is None or self._worker is None:
+            return
+        worker = self._worker
+        worker.request_stop()
+        with anyio.CancelScope(shield=True):
+            done, _ = await asyncio.wait({serving}, timeout=timeout)
+            if not done:
+                worker.shut_down_runs()
+                await asyncio.wait({serving})
+            await self._bus.drain()
+        if not serving.cancelled() and serving.exception() is not None:
+            _logger.error("worker ended with an error", exc_info=serving.exception())
+
+    async def close(self) -> None:
+        """Stop the worker and release the storage."""
+        await self.stop()
+        await self.storage.close()
+
+    async def __aenter__(self) -> Self:
+        await self.init()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def process_one(self) -> bool:
+        """Claim and execute at most one run; whether there was one."""
+        await self._ready()
+        return await self._get_worker().process(1) > 0
+
+    async def process_until_idle(self, max_runs: int | None = None) -> int:
+        """Execute runs (up to ``max_concurrent_runs`` at once) until none is claimable."""
+        if max_runs is not None and (not isinstance(max_runs, int) or max_runs < 0):
+            raise ConfigurationError(f"max_runs must be a non-negative int or None, got {max_runs!r}")
+        await self._ready()
+        worker = self._get_worker()
+        done = 0
+        while max_runs is None or done < max_runs:
+            limit = (
+                self._max_concurrent_runs
+                if max_runs is None
+                else min(self._max_concurrent_runs, max_runs - done)
+            )
+            processed = await worker.process(limit)
+            if not processed:
+                break
+            done += processed
+        return done
+
+    # --- triggering -----------------------------------------------------------------------
+
+    async def _trigger(
+        self,
+        definition: JobDefinition[Any, Any],
+        payloads: list[Any],
+        *,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> list[Run]:
+        labels = _check_labels(labels)
+        new_runs = [
+            NewRun(
+                id=_ids.new_run_id(),
+                job_name=definition.name,
+                input=_codec.canonical(
+                    payload, definition.input_type, what=f"input of job {definition.name!r}"
+                ),
+                labels=labels,
+                idempotency_key=_check_key("idempotency_key", idempotency_key),
+                concurrency_key=_check_key("concurrency_key", concurrency_key),
+            )
+            for payload in payloads
+        ]
+        if not new_runs:
+            return []
+        await self._ready()
+        runs = await self.storage.create_runs(new_runs)
+        self._announce(runs)
+        return runs
+
+    def _announce(self, runs: Sequence[Run]) -> None:
+        for run in runs:
+            if run.disposition == "created" and self._bus.wants("run:trigger"):
+                self._bus.emit(
+                    RunTriggerEvent, run_id=run.id, job_name=run.job_name, input=run.input, labels=run.labels
+                )
+        if self._worker is not None and any(run.job_name in self._definitions for run in runs):
+            self._worker.wake()
+
+    async def _await_result(
+        self,
+        definition: JobDefinition[Any, Any],
+        run: Run,
+        *,
+        timeout: float | None,
+        on_progress: Callable[[Progress], Any] | None,
+        on_log: Callable[[LogEntry], Any] | None,
+    ) -> RunResult[Any]:
+        outcome = await self._wait(run, timeout=timeout, on_progress=on_progress, on_log=on_log)
+        if outcome.status == "failed":
+            raise RunFailedError(run.id, outcome.error)
+        if outcome.status == "cancelled":
+            raise RunCancelledError(run.id)
+        data = outcome.output if outcome.output is not None else b"null"
+        try:
+            output = _codec.decode_as(data, definition.output_type)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(
+                f"output of run {run.id} does not fit {definition.output_type!r}: {exc}"
+            ) from exc
+        return RunResult(id=run.id, output=output, disposition=run.disposition or "created")
+
+    async def wait_for_run(self, run_id: str, timeout: float | None = None) -> Run:
+        """The run once it is completed, failed or cancelled; ``TimeoutError`` after ``timeout``."""
+        run = await self._require(run_id)
+        await self._wait(run, timeout=timeout)
+        return await self._require(run_id)
+
+    async def _wait(
+        self,
+        run: Run,
+        *,
+        timeout: float | None,
+        on_progress: Callable[[Progress], Any] | None = None,
+        on_log: Callable[[LogEntry], Any] | None = None,
+    ) -> _Outcome:
+        if timeout is not None:
+            _positive("timeout", timeout)
+        watcher = _Watcher(run.id, self._bus, on_progress, on_log)
+        waiter = _Waiter()
+        self._waiters.setdefault(run.id, []).append(waiter)
+        poll = min(max(self._polling_interval, 0.05), 1.0)
+        try:
+            with anyio.fail_after(timeout):
+                current: Run | None = run
+                while waiter.outcome is None:
+                    if current is None:
+                        raise NotFoundError(f"run {run.id} was deleted while being waited for")
+                    if current.status in TERMINAL_STATUSES:
+                        return _Outcome(current.status, _codec.encode(current.output), current.error)
+                    with anyio.move_on_after(poll):
+                        await waiter.event.wait()
+                    if waiter.outcome is None:
+                        current = await self.storage.get_run(run.id)
+                        if current is not None:
+                            await watcher.poll(self.storage, current)
+                return waiter.outcome
+        finally:
+            watcher.close()
+            waiters = self._waiters.get(run.id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(run.id, None)
+
+    def _run_finished(self, run_id: str, status: str, output: bytes | None, error: str | None) -> None:
+        for waiter in self._waiters.pop(run_id, ()):
+            waiter.outcome = _Outcome(status, output, error)
+            waiter.event.set()
+
+    # --- the run API ----------------------------------------------------------------------
+
+    async def _require(self, run_id: str) -> Run:
+        await self._ready()
+        run = await self.storage.get_run(run_id)
+        if run is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return run
+
+    async def get_run(self, run_id: str) -> Run | None:
+        """The run with ``run_id``, or ``None``."""
+        await self._ready()
+        return await self.storage.get_run(run_id)
+
+    async def get_runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        job_name: str | Sequence[str] | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Runs newest first; every given filter must match (all labels included)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(f"limit must be a positive int, got {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValidationError(f"offset must be a non-negative int, got {offset!r}")
+        run_filter = RunFilter(
+            statuses=_as_tuple("status", status, _STATUSES),
+            job_names=_as_tuple("job_name", job_name),
+            labels=_check_labels(labels),
+            limit=limit,
+            offset=offset,
+        )
+        await self._ready()
+        return await self.storage.get_runs(run_filter)
+
+    async def get_steps(self, run_id: str) -> list[Step]:
+        """The persisted steps of a run, in execution order."""
+        await self._ready()
+        return await self.storage.get_steps(run_id)
+
+    async def get_logs(self, run_id: str) -> list[LogEntry]:
+        """The log lines a run wrote with ``step.log``, oldest first."""
+        await self._ready()
+        return await self.storage.get_logs(run_id)
+
+    async def retry(self, run_id: str) -> Run:
+        """Put a failed or cancelled run back to pending; it resumes after its last completed step."""
+        await self._ready()
+        run = await self.storage.retry_run(run_id)
+        self._bus.emit(
+            RunRetryEvent, run_id=run.id, job_name=run.job_name, attempt=run.attempt, labels=run.labels
+        )
+        if self._worker is not None and run.job_name in self._definitions:
+            self._worker.wake()
+        return run
+
+    async def retrigger(self, run_id: str) -> Run:
+        """A new run of the same job with the same input, labels and concurrency key."""
+        old = await self._require(run_id)
+        [run] = await self.storage.create_runs(
+            [
+                NewRun(
+                    id=_ids.new_run_id(),
+                    job_name=old.job_name,
+                    input=_codec.encode(old.input),
+                    labels=old.labels,
+                    idempotency_key=None,
+                    concurrency_key=old.concurrency_key,
+                )
+            ]
+        )
+        self._announce([run])
+        return run
+
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel a pending or leased run; the worker executing it stops within a heartbeat."""
+        await self._ready()
+        run, changed = await self.storage.cancel_run(run_id)
+        if changed:
+            if self._worker is not None:
+                self._worker.cancel_local(run_id)
+            self._bus.emit(RunCancelEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
+            self._run_finished(run_id, "cancelled", None, None)
+        return run
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete an ended run with its steps and logs."""
+        await self._ready()
+        run = await self.storage.delete_run(run_id)
+        self._bus.emit(RunDeleteEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
+
+    async def purge_runs(self, older_than: timedelta | datetime, limit: int = 500) -> int:
+        """Delete up to ``limit`` ended runs that ended before ``older_than``; how many."""
+        if isinstance(older_than, timedelta):
+            cutoff = _clock.to_datetime(_clock.now() - older_than.total_seconds())
+        elif isinstance(older_than, datetime):
+            if older_than.tzinfo is None:
+                raise ValidationError("older_than must be a timezone-aware datetime (or a timedelta)")
+            cutoff = older_than
+        else:
+            raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(f"limit must be a positive int, got {limit!r}")
+        await self._ready()
+        assert cutoff is not None
+        return await self.storage.purge_runs(completed_before=cutoff, limit=limit)
+
+
+class _Watcher:
+    """Feeds ``on_progress``/``on_log`` from local events, or from polling for remote runs."""
+
+    def __init__(
+        self,
+        run_id: str,
+        bus: EventBus,
+        on_progress: Callable[[Progress], Any] | None,
+        on_log: Callable[[LogEntry], Any] | None,
+    ) -> None:
+        self._run_id = run_id
+        self._on_progress = on_progress
+        self._on_log = on_log
+        self._last_progress: Progress | None = None
+        self._logs_seen = 0
+        self._unsubscribe: list[Callable[[], None]] = []
+        if on_progress is not None:
+            self._unsubscribe.append(bus.on("run:progress", self._progress_event))
+        if on_log is not None:
+            self._unsubscribe.append(bus.on("log:write", self._log_event))
+
+    def _progress_event(self, event: RunProgressEvent) -> None:
+        if event.run_id == self._run_id:
+            self._deliver_progress(event.progress)
+
+    def _deliver_progress(self, progress: Progress) -> None:
+        if progress != self._last_progress and self._on_progress is not None:
+            self._last_progress = progress
+            self._on_progress(progress)
+
+    def _log_event(self, event: LogWriteEvent) -> None:
+        if event.run_id == self._run_id and self._on_log is not None:
+            self._logs_seen += 1
+            self._on_log(
+                LogEntry(
+                    level=event.level,
+                    message=event.message,
+                    data=event.data,
+                    step_name=event.step_name,
+                    created_at=event.timestamp,
+                )
+            )
+
+    async def poll(self, storage: Storage, run: Run) -> None:
+        if run.progress is not None:
+            self._deliver_progress(run.progress)
+        if self._on_log is not None:
+            logs = await storage.get_logs(self._run_id)
+            for entry in logs[self._logs_seen :]:
+                self._logs_seen += 1
+                self._on_log(entry)
+
+    def close(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+
+
+def create_durably(
+    storage: Storage | str,
+    *,
+    polling_interval: float = 0.1,
+    heartbeat_interval: float = 0.5,
+    stale_threshold: float = 3.0,
+    max_concurrent_runs: int = 1,
+) -> Durably:
+    """The same as ``Durably(...)``."""
+    return Durably(
+        storage,
+        polling_interval=polling_interval,
+        heartbeat_interval=heartbeat_interval,
+        stale_threshold=stale_threshold,
+        max_concurrent_runs=max_concurrent_runs,
+    )

@@ -1,0 +1,147 @@
+"""``define_job`` and the per-instance job handles that trigger runs."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from durably._models import Progress, Run, RunResult
+from durably.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from durably._engine import Durably
+    from durably._models import LogEntry
+    from durably._runtime import StepContext
+
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
+
+JobFunction = Callable[["StepContext", InputT], Awaitable[OutputT]]
+
+
+class JobDefinition(Generic[InputT, OutputT]):
+    """A named job: its input and output types and the async function that runs it.
+
+    Register it on a ``Durably`` instance to trigger and execute it.
+    """
+
+    def __init__(self, *, name: str, input: Any, output: Any, run: JobFunction[InputT, OutputT]) -> None:
+        self.name = name
+        self.input_type = input
+        self.output_type = Any if output is None else output
+        self.run = run
+
+    def __repr__(self) -> str:
+        return f"JobDefinition(name={self.name!r})"
+
+
+def _check_definition(name: object, run: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
+    if not callable(run) or not inspect.iscoroutinefunction(run):
+        raise ConfigurationError(f"job {name!r}: run must be an async function (async def)")
+
+
+@overload
+def define_job(
+    *, name: str, input: Any, output: Any = None, run: None = None
+) -> Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]: ...
+
+
+@overload
+def define_job(
+    *, name: str, input: Any, output: Any = None, run: JobFunction[InputT, OutputT]
+) -> JobDefinition[InputT, OutputT]: ...
+
+
+def define_job(
+    *, name: str, input: Any, output: Any = None, run: JobFunction[Any, Any] | None = None
+) -> JobDefinition[Any, Any] | Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]:
+    """Define a job; a decorator when ``run`` is omitted.
+
+    ``input`` and ``output`` are any types msgspec can convert to; ``output=None``
+    accepts any JSON value. Returns a ``JobDefinition``, not the function.
+    """
+    if input is None:
+        raise ConfigurationError(f"job {name!r}: input= is required (use dict[str, Any] for free-form JSON)")
+
+    def build(fn: JobFunction[Any, Any]) -> JobDefinition[Any, Any]:
+        _check_definition(name, fn)
+        return JobDefinition(name=name, input=input, output=output, run=fn)
+
+    if run is None:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
+        return build
+    return build(run)
+
+
+class JobHandle(Generic[InputT, OutputT]):
+    """A job registered on one ``Durably`` instance: ``durably.jobs.<name>``."""
+
+    def __init__(self, durably: Durably, definition: JobDefinition[InputT, OutputT]) -> None:
+        self._durably = durably
+        self.definition = definition
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    async def trigger(
+        self,
+        payload: InputT | Any,
+        *,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Run:
+        """Validate ``payload`` and write a new ``pending`` run (or return the idempotent one)."""
+        [run] = await self._durably._trigger(
+            self.definition,
+            [payload],
+            idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
+            labels=labels,
+        )
+        return run
+
+    async def batch_trigger(
+        self,
+        payloads: Sequence[InputT | Any],
+        *,
+        labels: dict[str, str] | None = None,
+    ) -> list[Run]:
+        """Validate every payload, then write them all atomically in one round trip."""
+        if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, Sequence):
+            raise ConfigurationError("batch_trigger() takes a list of payloads")
+        return await self._durably._trigger(self.definition, list(payloads), labels=labels)
+
+    async def trigger_and_wait(
+        self,
+        payload: InputT | Any,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], Any] | None = None,
+        on_log: Callable[[LogEntry], Any] | None = None,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> RunResult[OutputT]:
+        """Trigger a run and wait until it ends, wherever it executes.
+
+        Raises ``RunFailedError``, ``RunCancelledError``, or ``TimeoutError`` (the
+        run itself goes on).
+        """
+        run = await self.trigger(
+            payload,
+            idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
+            labels=labels,
+        )
+        return await self._durably._await_result(
+            self.definition, run, timeout=timeout, on_progress=on_progress, on_log=on_log
+        )
+
+    def __repr__(self) -> str:
+        return f"JobHandle(name={self.name!r})"

@@ -1,0 +1,489 @@
+"""Executes one leased run: ``StepContext``, fenced writes, telemetry, cancellation."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import structlog
+
+from durably import _clock, _codec
+from durably._events import (
+    EventBus,
+    LogWriteEvent,
+    RunCompleteEvent,
+    RunFailEvent,
+    RunProgressEvent,
+    RunStartEvent,
+    StepCompleteEvent,
+    StepFailEvent,
+    StepSkipEvent,
+    StepStartEvent,
+    WorkerErrorEvent,
+)
+from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
+from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
+from durably.errors import StorageError, ValidationError
+
+if TYPE_CHECKING:
+    from durably._job import JobDefinition
+
+T = TypeVar("T")
+
+_logger = structlog.get_logger("durably")
+_current_step: ContextVar[str | None] = ContextVar("durably_current_step", default=None)
+
+_TELEMETRY_PERIOD = 1.0
+
+StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown"]
+Finished = Callable[[str, str, bytes | None, str | None], None]
+
+
+def describe(exc: BaseException) -> str:
+    """How an exception is stored on a run: ``"ExcType: message"``."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+class StepLog:
+    """``step.log``: messages stored with the run, emitted as ``log:write``, sent to structlog."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._execution = execution
+
+    def info(self, message: str, **data: Any) -> None:
+        self._execution.log("info", message, data)
+
+    def warn(self, message: str, **data: Any) -> None:
+        self._execution.log("warn", message, data)
+
+    def error(self, message: str, **data: Any) -> None:
+        self._execution.log("error", message, data)
+
+
+class StepContext:
+    """What a job receives as ``step``: checkpointed steps, progress and logs of one run."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._execution = execution
+        self.run_id = execution.run_id
+        self.job_name = execution.job_name
+        self.log = StepLog(execution)
+
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: None = None, **kwargs: Any
+    ) -> Any: ...
+
+    @overload
+    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` once and store its result under ``name``.
+
+        On resume the stored result is returned without calling ``fn``. Either
+        way the value is the result as decoded from its stored JSON (converted to
+        ``type`` when given). Sync functions run in a worker thread.
+        """
+        return await self._execution.step(name, fn, args, kwargs, type)
+
+    def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress: emitted at once, stored within a second (the last value always lands)."""
+        self._execution.progress(current, total, message)
+
+
+class Execution:
+    """One worker's execution of one claimed run, fenced by its lease generation."""
+
+    def __init__(
+        self,
+        claimed: ClaimedRun,
+        definition: JobDefinition[Any, Any],
+        *,
+        storage: Storage,
+        bus: EventBus,
+        worker_id: str,
+        lease_seconds: float,
+        on_finished: Finished,
+    ) -> None:
+        self.run = claimed.run
+        self.run_id = claimed.run.id
+        self.job_name = claimed.run.job_name
+        self.lease = Lease(claimed.run.id, claimed.lease_generation)
+        self._stored_steps = claimed.steps
+        self._definition = definition
+        self._storage = storage
+        self._bus = bus
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._on_finished = on_finished
+        self._scope: anyio.CancelScope | None = None
+        self._finishing = False
+        self.stop_reason: StopReason | None = None
+        self._seen_steps: set[str] = set()
+        self._next_index = 0
+        self._step_errors: list[tuple[BaseException, str]] = []
+        self._telemetry = Telemetry()
+        self._telemetry_written_at = 0.0
+        self._telemetry_due: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def stop(self, reason: StopReason) -> None:
+        """Stop the running job (cancelled, lease lost, worker shutting down)."""
+        if self._finishing or self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def execute(self) -> None:
+        """Run the job to its end and store the outcome, unless stopped first."""
+        if self._bus.wants("run:start"):
+            self._bus.emit(
+                RunStartEvent,
+                run_id=self.run_id,
+                job_name=self.job_name,
+                input=self.run.input,
+                labels=self.run.labels,
+                attempt=self.run.attempt,
+                worker_id=self._worker_id,
+            )
+        started = time.perf_counter()
+        outcome: tuple[bytes | None, str | None, str | None] | None = None
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self.stop_reason is None:
+                outcome = await self._run_job()
+        self._finishing = True
+        with anyio.CancelScope(shield=True):
+            if outcome is None or self.stop_reason is not None:
+                await self._stopped()
+            else:
+                await self._finish(*outcome, duration=time.perf_counter() - started)
+
+    async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
+        """(output JSON, None, None) on success; (None, error, failed step) on failure."""
+        outcome: tuple[bytes | None, str | None, str | None]
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            try:
+                payload = self._payload()
+                result = await self._definition.run(StepContext(self), payload)
+                output = _codec.canonical(
+                    result, self._definition.output_type, what=f"output of job {self.job_name!r}"
+                )
+                outcome = output, None, None
+            except Exception as exc:
+                outcome = None, describe(exc), self._failed_step(exc)
+            task_group.cancel_scope.cancel()  # the telemetry flusher, if any
+        return outcome
+
+    def _payload(self) -> Any:
+        try:
+            return msgspec.convert(self.run.input, self._definition.input_type)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"stored input of job {self.job_name!r} is invalid: {exc}") from exc
+
+    def _failed_step(self, exc: BaseException) -> str | None:
+        seen: BaseException | None = exc
+        while seen is not None:
+            for error, step_name in self._step_errors:
+                if error is seen:
+                    return step_name
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+    async def _finish(
+        self, output: bytes | None, error: str | None, failed_step: str | None, *, duration: float
+    ) -> None:
+        telemetry = self._take_telemetry()
+        try:
+            if error is None:
+                assert output is not None
+                held = await self._write(lambda: self._storage.complete_run(self.lease, output, telemetry))
+            else:
+                held = await self._write(lambda: self._storage.fail_run(self.lease, error, telemetry))
+        except StorageError as exc:
+            # The lease will expire and another worker (or this one) resumes the run.
+            self._report(exc, "storing the outcome of a run")
+            return
+        if not held:
+            self.stop_reason = await self.why_lease_gone()
+            await self._stopped()
+            return
+        if error is None:
+            self._on_finished(self.run_id, "completed", output, None)
+            if self._bus.wants("run:complete"):
+                self._bus.emit(
+                    RunCompleteEvent,
+                    run_id=self.run_id,
+                    job_name=self.job_name,
+                    output=_codec.decode(output) if output is not None else None,
+                    duration=duration,
+                    labels=self.run.labels,
+                )
+        else:
+            self._on_finished(self.run_id, "failed", None, error)
+            if self._bus.wants("run:fail"):
+                self._bus.emit(
+                    RunFailEvent,
+                    run_id=self.run_id,
+                    job_name=self.job_name,
+                    error=error,
+                    failed_step_name=failed_step,
+                    labels=self.run.labels,
+                )
+
+    async def _stopped(self) -> None:
+        reason = self.stop_reason or "shutdown"
+        if reason == "shutdown":
+            try:
+                await self._storage.release_lease(self.lease, self._take_telemetry())
+            except StorageError as exc:
+                self._report(exc, "releasing a lease on shutdown")
+        elif reason == "cancelled":
+            self._on_finished(self.run_id, "cancelled", None, None)
+        elif reason == "lease_lost":
+            self._log.warning("lease lost; run stopped", worker_id=self._worker_id)
+            self._bus.emit(
+                WorkerErrorEvent,
+                error=f"LeaseLostError: the lease on run {self.run_id} was taken over",
+                context="run execution",
+                run_id=self.run_id,
+            )
+
+    async def why_lease_gone(self) -> StopReason:
+        try:
+            run = await self._storage.get_run(self.run_id)
+        except StorageError:
+            return "lease_lost"
+        if run is None or run.status == "cancelled":
+            return "cancelled"
+        if run.status in ("completed", "failed"):
+            return "finished_elsewhere"
+        return "lease_lost"
+
+    async def _lease_gone(self) -> None:
+        """Stop this execution because a fenced write was refused."""
+        self.stop(await self.why_lease_gone())
+        await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
+
+    async def _write(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+        """A fenced write, retried on transient errors while the lease can still be valid."""
+        deadline = time.monotonic() + self._lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except StorageError as exc:
+                if not exc.transient or time.monotonic() + delay > deadline:
+                    raise
+                self._report(exc, "writing run state (will retry)")
+                await anyio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    def _report(self, exc: BaseException, context: str) -> None:
+        self._log.warning("storage error", context=context, error=describe(exc))
+        self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=self.run_id)
+
+    # --- steps -------------------------------------------------------------------
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        type_: Any,
+    ) -> Any:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"step name must be a non-empty string, got {name!r}")
+        if name in self._seen_steps:
+            raise ValueError(f"step name {name!r} is used twice in run {self.run_id}; names must be unique")
+        if not callable(fn):
+            raise TypeError(f"step {name!r}: {fn!r} is not callable")
+        self._seen_steps.add(name)
+        index = self._next_index
+        self._next_index += 1
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        stored = self._stored_steps.get(name)
+        if stored is not None:
+            if self._bus.wants("step:skip"):
+                self._bus.emit(
+                    StepSkipEvent,
+                    run_id=self.run_id,
+                    job_name=self.job_name,
+                    step_name=name,
+                    step_index=stored[0],
+                )
+            return self._result(stored[1], type_, name)
+        return await self._execute_step(name, index, fn, args, kwargs, type_)
+
+    async def _execute_step(
+        self,
+        name: str,
+        index: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        type_: Any,
+    ) -> Any:
+        if self._bus.wants("step:start"):
+            self._bus.emit(
+                StepStartEvent, run_id=self.run_id, job_name=self.job_name, step_name=name, step_index=index
+            )
+        started_at = _clock.now()
+        started = time.perf_counter()
+        token = _current_step.set(name)
+        try:
+            value = await _call(fn, args, kwargs)
+            try:
+                output = _codec.encode(value)
+            except TypeError as exc:
+                raise TypeError(
+                    f"step {name!r} returned a value that cannot be stored as JSON: {exc}"
+                ) from exc
+        except Exception as exc:
+            await self._step_failed(name, index, exc, started_at)
+            raise
+        finally:
+            _current_step.reset(token)
+        record = StepRecord(
+            name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
+        )
+        telemetry = self._take_telemetry()
+        if not await self._write(lambda: self._storage.save_step(self.lease, record, telemetry)):
+            await self._lease_gone()
+        result = self._result(output, type_, name)
+        if self._bus.wants("step:complete"):
+            self._bus.emit(
+                StepCompleteEvent,
+                run_id=self.run_id,
+                job_name=self.job_name,
+                step_name=name,
+                step_index=index,
+                output=_codec.decode(output),
+                duration=time.perf_counter() - started,
+            )
+        return result
+
+    async def _step_failed(self, name: str, index: int, exc: Exception, started_at: float) -> None:
+        self._step_errors.append((exc, name))
+        error = describe(exc)
+        record = StepRecord(
+            name=name, index=index, error=error, started_at=started_at, completed_at=_clock.now()
+        )
+        telemetry = self._take_telemetry()
+        if not await self._write(lambda: self._storage.save_step(self.lease, record, telemetry)):
+            await self._lease_gone()
+        if self._bus.wants("step:fail"):
+            self._bus.emit(
+                StepFailEvent,
+                run_id=self.run_id,
+                job_name=self.job_name,
+                step_name=name,
+                step_index=index,
+                error=error,
+            )
+
+    @staticmethod
+    def _result(data: bytes, type_: Any, name: str) -> Any:
+        if type_ is None:
+            return _codec.decode(data)
+        try:
+            return _codec.decode_as(data, type_)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"stored result of step {name!r} does not fit {type_!r}: {exc}") from exc
+
+    # --- progress and logs ----------------------------------------------------------
+
+    def progress(self, current: float, total: float | None, message: str | None) -> None:
+        progress = Progress(current=current, total=total, message=message)
+        if self._bus.wants("run:progress"):
+            self._bus.emit(
+                RunProgressEvent,
+                run_id=self.run_id,
+                job_name=self.job_name,
+                progress=progress,
+                labels=self.run.labels,
+            )
+        self._telemetry.progress = progress
+        self._telemetry_changed()
+
+    def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
+        step_name = _current_step.get()
+        entry = LogEntry(
+            level=level,
+            message=str(message),
+            data=data,
+            step_name=step_name,
+            created_at=_clock.to_datetime(_clock.now()),
+        )
+        getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
+        if self._bus.wants("log:write"):
+            self._bus.emit(
+                LogWriteEvent,
+                run_id=self.run_id,
+                job_name=self.job_name,
+                step_name=step_name,
+                level=level,
+                message=entry.message,
+                data=data,
+            )
+        self._telemetry.logs.append(entry)
+        self._telemetry_changed()
+
+    def _take_telemetry(self) -> Telemetry:
+        telemetry, self._telemetry = self._telemetry, Telemetry()
+        if telemetry:
+            self._telemetry_written_at = time.monotonic()
+        return telemetry
+
+    def _telemetry_changed(self) -> None:
+        if self._telemetry_due is None:
+            if self._task_group is None or self._finishing:
+                return  # the outcome write carries it
+            self._telemetry_due = anyio.Event()
+            self._task_group.start_soon(self._flush_telemetry)
+        self._telemetry_due.set()
+
+    async def _flush_telemetry(self) -> None:
+        while True:
+            assert self._telemetry_due is not None
+            await self._telemetry_due.wait()
+            delay = self._telemetry_written_at + _TELEMETRY_PERIOD - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+            self._telemetry_due = anyio.Event()
+            telemetry = self._take_telemetry()
+            if not telemetry:
+                continue
+            try:
+                held = await self._write(lambda t=telemetry: self._storage.save_telemetry(self.lease, t))  # type: ignore[misc]
+            except StorageError as exc:
+                self._report(exc, "storing progress and logs")
+                continue
+            if not held:
+                self.stop(await self.why_lease_gone())
+                return
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    value = await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
+    if inspect.isawaitable(value):
+        value = await value
+    return value

@@ -1,0 +1,199 @@
+"""The worker: claims runs, executes up to ``max_concurrent_runs``, renews leases, stops gracefully."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from durably._events import EventBus, WorkerErrorEvent
+from durably._models import ClaimedRun
+from durably._runtime import Execution, Finished, describe
+from durably._storage._protocol import Storage
+from durably.errors import StorageError
+
+if TYPE_CHECKING:
+    from durably._job import JobDefinition
+
+_logger = structlog.get_logger("durably")
+
+
+class _Backoff:
+    """Exponential backoff with full jitter, for a database that is down."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self._first
+
+    def delay(self) -> float:
+        delay = self._next * (0.5 + random.random() / 2)
+        self._next = min(self._next * 2, self._cap)
+        return delay
+
+
+class Worker:
+    """Executes the runs of the registered jobs; one per ``Durably`` instance."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        bus: EventBus,
+        jobs: Mapping[str, JobDefinition[Any, Any]],
+        worker_id: str,
+        polling_interval: float,
+        heartbeat_interval: float,
+        stale_threshold: float,
+        max_concurrent_runs: int,
+        on_finished: Finished,
+    ) -> None:
+        self._storage = storage
+        self._bus = bus
+        self._jobs = jobs
+        self.worker_id = worker_id
+        self._polling_interval = polling_interval
+        self._heartbeat_interval = heartbeat_interval
+        self._stale_threshold = stale_threshold
+        self._max_concurrent = max_concurrent_runs
+        self._on_finished = on_finished
+        self._active: dict[str, Execution] = {}
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._log = _logger.bind(worker_id=worker_id)
+
+    # --- signals from the engine ------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work may be claimable (an in-process trigger, a freed slot)."""
+        self._wake.set()
+
+    def cancel_local(self, run_id: str) -> None:
+        """Stop a run this worker is executing, because it was cancelled."""
+        execution = self._active.get(run_id)
+        if execution is not None:
+            execution.stop("cancelled")
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def shut_down_runs(self) -> None:
+        """Stop the runs still executing and release their leases."""
+        for execution in list(self._active.values()):
+            execution.stop("shutdown")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._active)
+
+    # --- the loop -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Claim and execute runs until ``request_stop()``; then wait for in-flight runs."""
+        self._stopping = False
+        backoff = _Backoff()
+        async with anyio.create_task_group() as task_group:
+            heartbeat = anyio.CancelScope()
+            task_group.start_soon(self._heartbeat_forever, heartbeat)
+            async with anyio.create_task_group() as runs:
+                while not self._stopping:
+                    # Reset before looking, so a wake-up that arrives meanwhile is kept.
+                    self._wake = anyio.Event()
+                    free = self._max_concurrent - len(self._active)
+                    if free > 0:
+                        try:
+                            claimed = await self.claim(free)
+                        except StorageError as exc:
+                            self.report(exc, "claiming runs")
+                            await anyio.sleep(backoff.delay())
+                            continue
+                        backoff.reset()
+                        for run in claimed:
+                            self._start(runs, run)
+                        if len(claimed) == free:
+                            continue
+                    with anyio.move_on_after(self._polling_interval):
+                        await self._wake.wait()
+            heartbeat.cancel()
+
+    async def claim(self, limit: int) -> list[ClaimedRun]:
+        if not self._jobs:
+            return []
+        return await self._storage.claim_runs(
+            worker_id=self.worker_id,
+            job_names=list(self._jobs),
+            limit=limit,
+            lease_seconds=self._stale_threshold,
+        )
+
+    def _start(self, task_group: anyio.abc.TaskGroup, claimed: ClaimedRun) -> Execution:
+        execution = Execution(
+            claimed,
+            self._jobs[claimed.run.job_name],
+            storage=self._storage,
+            bus=self._bus,
+            worker_id=self.worker_id,
+            lease_seconds=self._stale_threshold,
+            on_finished=self._on_finished,
+        )
+        self._active[execution.run_id] = execution
+        task_group.start_soon(self._execute, execution)
+        return execution
+
+    async def _execute(self, execution: Execution) -> None:
+        try:
+            await execution.execute()
+        except Exception as exc:  # a bug must not take the worker down
+            self.report(exc, "executing a run", run_id=execution.run_id)
+        finally:
+            self._active.pop(execution.run_id, None)
+            self._wake.set()
+
+    async def process(self, limit: int) -> int:
+        """Claim up to ``limit`` runs, execute them with lease renewal, return how many."""
+        claimed = await self.claim(limit)
+        if claimed:
+            async with anyio.create_task_group() as task_group:
+                heartbeat = anyio.CancelScope()
+                task_group.start_soon(self._heartbeat_forever, heartbeat)
+                async with anyio.create_task_group() as runs:
+                    for run in claimed:
+                        self._start(runs, run)
+                heartbeat.cancel()
+        return len(claimed)
+
+    # --- leases -------------------------------------------------------------------
+
+    async def _heartbeat_forever(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self._heartbeat_interval)
+                await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        """Renew every lease held in one statement; stop runs whose lease is gone."""
+        executions = list(self._active.values())
+        if not executions:
+            return
+        try:
+            held = await self._storage.renew_leases(
+                [execution.lease for execution in executions], lease_seconds=self._stale_threshold
+            )
+        except StorageError as exc:
+            self.report(exc, "renewing leases")
+            return
+        for execution in executions:
+            if execution.run_id not in held and self._active.get(execution.run_id) is execution:
+                execution.stop(await execution.why_lease_gone())
+
+    def report(self, exc: BaseException, context: str, *, run_id: str | None = None) -> None:
+        self._log.warning("worker error", context=context, error=describe(exc), run_id=run_id)
+        self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=run_id)
