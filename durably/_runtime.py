@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -15,7 +15,7 @@ import anyio.lowlevel
 import msgspec
 import structlog
 
-from durably import _clock, _codec
+from durably import _clock, _codec, _threads
 from durably._events import (
     EventBus,
     LogWriteEvent,
@@ -114,6 +114,7 @@ class Execution:
         worker_id: str,
         lease_seconds: float,
         on_finished: Finished,
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
     ) -> None:
         self.run = claimed.run
         self.run_id = claimed.run.id
@@ -135,7 +136,8 @@ class Execution:
         self._telemetry = Telemetry()
         self._telemetry_written_at = 0.0
         self._telemetry_due: anyio.Event | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._spawn = spawn
+        self._flusher = anyio.CancelScope()
         self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -167,6 +169,7 @@ class Execution:
             if self.stop_reason is None:
                 outcome = await self._run_job()
         self._finishing = True
+        self._flusher.cancel()  # the outcome write below carries what is left
         with anyio.CancelScope(shield=True):
             if outcome is None or self.stop_reason is not None:
                 await self._stopped()
@@ -175,20 +178,15 @@ class Execution:
 
     async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
         """(output JSON, None, None) on success; (None, error, failed step) on failure."""
-        outcome: tuple[bytes | None, str | None, str | None]
-        async with anyio.create_task_group() as task_group:
-            self._task_group = task_group
-            try:
-                payload = self._payload()
-                result = await self._definition.run(StepContext(self), payload)
-                output = _codec.canonical(
-                    result, self._definition.output_type, what=f"output of job {self.job_name!r}"
-                )
-                outcome = output, None, None
-            except Exception as exc:
-                outcome = None, describe(exc), self._failed_step(exc)
-            task_group.cancel_scope.cancel()  # the telemetry flusher, if any
-        return outcome
+        try:
+            payload = self._payload()
+            result = await self._definition.run(StepContext(self), payload)
+            output = _codec.canonical(
+                result, self._definition.output_type, what=f"output of job {self.job_name!r}"
+            )
+        except Exception as exc:
+            return None, describe(exc), self._failed_step(exc)
+        return output, None, None
 
     def _payload(self) -> Any:
         try:
@@ -452,14 +450,18 @@ class Execution:
         return telemetry
 
     def _telemetry_changed(self) -> None:
+        if self._finishing:
+            return  # the outcome write carries it
         if self._telemetry_due is None:
-            if self._task_group is None or self._finishing:
-                return  # the outcome write carries it
             self._telemetry_due = anyio.Event()
-            self._task_group.start_soon(self._flush_telemetry)
+            self._spawn(self._flush_telemetry)
         self._telemetry_due.set()
 
     async def _flush_telemetry(self) -> None:
+        with self._flusher:
+            await self._flush_telemetry_forever()
+
+    async def _flush_telemetry_forever(self) -> None:
         while True:
             assert self._telemetry_due is not None
             await self._telemetry_due.wait()
@@ -483,7 +485,7 @@ class Execution:
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
-    value = await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
+    value = await _threads.run_sync(partial(fn, *args, **kwargs))
     if inspect.isawaitable(value):
         value = await value
     return value

@@ -143,6 +143,7 @@ class Worker:
             worker_id=self.worker_id,
             lease_seconds=self._stale_threshold,
             on_finished=self._on_finished,
+            spawn=task_group.start_soon,
         )
         self._active[execution.run_id] = execution
         task_group.start_soon(self._execute, execution)

@@ -213,7 +213,10 @@ class SqlStorage:
         return _held(results[0])
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
-        progress: Statement = (q.SAVE_PROGRESS, (_progress_json(telemetry.progress), lease.run_id, lease.generation))
+        progress: Statement = (
+            q.SAVE_PROGRESS,
+            (_progress_json(telemetry.progress), lease.run_id, lease.generation),
+        )
         if telemetry.progress is None:
             # Only logs: the progress statement still tells whether the lease is held.
             progress = ("SELECT 1 FROM durably_runs WHERE " + q.HELD, (lease.run_id, lease.generation))
