@@ -1,0 +1,88 @@
+"""Shared fixtures: a real database per test, durably instances, a loop-blocking guard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from durably import Durably, create_durably, open_storage
+from durably._storage._protocol import Storage
+
+SLOW_CALLBACK_SECONDS = 0.2
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    # Debug mode makes asyncio report every callback that blocks the loop.
+    return "asyncio", {"debug": True}
+
+
+class _BlockedLoop(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Executing") and "took" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def fail_if_loop_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test during which one callback held the event loop too long."""
+    handler = _BlockedLoop()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages and "allow_blocking" not in request.keywords:
+        pytest.fail("the event loop was blocked:\n" + "\n".join(handler.messages))
+
+
+@pytest.fixture
+async def _watched_loop() -> None:
+    asyncio.get_running_loop().slow_callback_duration = SLOW_CALLBACK_SECONDS
+
+
+@pytest.fixture(params=["local"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty database, one per adapter (remote ones join in tests of issue 3)."""
+    return f"file:{tmp_path / 'durably.db'}"
+
+
+@pytest.fixture
+async def storage(storage_url: str, _watched_loop: None) -> AsyncIterator[Storage]:
+    store = open_storage(storage_url)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def make_durably(storage_url: str, _watched_loop: None) -> AsyncIterator[Callable[..., Durably]]:
+    """Build durably instances on the test database; all are stopped and closed at the end."""
+    made: list[Durably] = []
+
+    def make(**options: Any) -> Durably:
+        options.setdefault("polling_interval", 0.01)
+        options.setdefault("heartbeat_interval", 0.1)
+        options.setdefault("stale_threshold", 1.0)
+        instance = create_durably(storage_url, **options)
+        made.append(instance)
+        return instance
+
+    try:
+        yield make
+    finally:
+        for instance in made:
+            await instance.close()
