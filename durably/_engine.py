@@ -29,11 +29,13 @@ from durably._events import (
 )
 from durably._job import JobDefinition, JobHandle
 from durably._models import TERMINAL_STATUSES, LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably._schedules import Scheduler
 from durably._storage._protocol import RunFilter, Storage
 from durably._worker import Worker
 from durably.adapters import open_storage
 from durably.errors import (
     ConfigurationError,
+    DurablyError,
     NotFoundError,
     RunCancelledError,
     RunFailedError,
@@ -174,6 +176,7 @@ class Durably:
         self._serving: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[_Waiter]] = {}
         self._migrated = False
+        self._scheduler = Scheduler()
 
     def __repr__(self) -> str:
         return f"Durably(storage={self.storage.url!r}, jobs={sorted(self._definitions)})"
@@ -247,7 +250,54 @@ class Durably:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise ConfigurationError("start() must be called from a running event loop") from None
-        self._serving = loop.create_task(self._get_worker().serve(), name="durably-worker")
+        self._serving = loop.create_task(self._serve(), name="durably-worker")
+
+    async def _serve(self) -> None:
+        async with anyio.create_task_group() as task_group:
+            schedules = anyio.CancelScope()
+            task_group.start_soon(self._serve_schedules, schedules)
+            await self._get_worker().serve()
+            schedules.cancel()
+
+    async def _serve_schedules(self, scope: anyio.CancelScope) -> None:
+        """Trigger each due tick; every host does this, the tick's idempotency key dedupes."""
+        with scope:
+            while True:
+                if not self._scheduler:
+                    await anyio.sleep(self._polling_interval * 10)
+                    continue
+                now = _clock.to_datetime(_clock.now())
+                assert now is not None
+                wait = self._scheduler.seconds_until_next(now)
+                await anyio.sleep(min(wait if wait is not None else 60.0, 60.0))
+                try:
+                    await self.trigger_due_schedules()
+                except DurablyError as exc:
+                    self._get_worker().report(exc, "triggering due schedules")
+
+    def schedule(
+        self,
+        cron: str,
+        job_handle: JobHandle[Any, Any],
+        payload: Any,
+        *,
+        name: str | None = None,
+        timezone: str = "UTC",
+    ) -> None:
+        """Trigger ``job_handle`` with ``payload`` on every tick of a 5-field ``cron`` expression.
+
+        Running workers trigger each due tick exactly once across all hosts (the
+        tick is the run's idempotency key). Missed ticks are not replayed, except
+        the latest one.
+        """
+        self._scheduler.add(cron, job_handle, payload, name=name, timezone=timezone)
+
+    async def trigger_due_schedules(self) -> int:
+        """One pass over the schedules (for serverless cron endpoints); runs created."""
+        await self._ready()
+        now = _clock.to_datetime(_clock.now())
+        assert now is not None
+        return await self._scheduler.trigger_due(now)
 
     async def init(self) -> None:
         """``migrate()`` then ``start()``."""
