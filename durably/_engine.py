@@ -443,7 +443,7 @@ class Durably:
         self._waiters.setdefault(run.id, []).append(waiter)
         poll = min(max(self._polling_interval, 0.05), 1.0)
         try:
-            with anyio.fail_after(timeout):
+            with anyio.move_on_after(timeout) as deadline:
                 current: Run | None = run
                 while waiter.outcome is None:
                     if current is None:
@@ -457,6 +457,8 @@ class Durably:
                         if current is not None:
                             await watcher.poll(self.storage, current)
                 return waiter.outcome
+            assert deadline.cancelled_caught
+            raise TimeoutError(f"run {run.id} did not end within {timeout} s; it goes on")
         finally:
             watcher.close()
             waiters = self._waiters.get(run.id, [])
@@ -596,6 +598,9 @@ class _Watcher:
         self._on_log = on_log
         self._last_progress: Progress | None = None
         self._logs_seen = 0
+        # Once this process emits events for the run, they are fresher than the
+        # database (progress is stored up to a second late): stop polling then.
+        self._local = False
         self._unsubscribe: list[Callable[[], None]] = []
         if on_progress is not None:
             self._unsubscribe.append(bus.on("run:progress", self._progress_event))
@@ -604,6 +609,7 @@ class _Watcher:
 
     def _progress_event(self, event: RunProgressEvent) -> None:
         if event.run_id == self._run_id:
+            self._local = True
             self._deliver_progress(event.progress)
 
     def _deliver_progress(self, progress: Progress) -> None:
@@ -613,6 +619,7 @@ class _Watcher:
 
     def _log_event(self, event: LogWriteEvent) -> None:
         if event.run_id == self._run_id and self._on_log is not None:
+            self._local = True
             self._logs_seen += 1
             self._on_log(
                 LogEntry(
@@ -625,6 +632,8 @@ class _Watcher:
             )
 
     async def poll(self, storage: Storage, run: Run) -> None:
+        if self._local:
+            return
         if run.progress is not None:
             self._deliver_progress(run.progress)
         if self._on_log is not None:

@@ -408,7 +408,7 @@ class Execution:
     # --- progress and logs ----------------------------------------------------------
 
     def progress(self, current: float, total: float | None, message: str | None) -> None:
-        progress = Progress(current=current, total=total, message=message)
+        progress = _progress(current, total, message)
         if self._bus.wants("run:progress"):
             self._bus.emit(
                 RunProgressEvent,
@@ -480,6 +480,16 @@ class Execution:
             if not held:
                 self.stop(await self.why_lease_gone())
                 return
+
+
+def _progress(current: float, total: float | None, message: str | None) -> Progress:
+    for name, value in (("current", current), ("total", total)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"step.progress(): {name} must be a number, got {value!r}")
+    if message is not None and not isinstance(message, str):
+        raise TypeError(f"step.progress(): message must be a string, got {message!r}")
+    # Floats, as they come back from the database, so local and stored values compare equal.
+    return Progress(float(current), None if total is None else float(total), message)
 
 
 async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

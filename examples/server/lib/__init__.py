@@ -1,0 +1,1 @@
+"""The application's durably setup: the database and the instance."""
