@@ -260,20 +260,22 @@ class Durably:
             schedules.cancel()
 
     async def _serve_schedules(self, scope: anyio.CancelScope) -> None:
-        """Trigger each due tick; every host does this, the tick's idempotency key dedupes."""
+        """Trigger each due tick; every host does this, the tick's idempotency key dedupes.
+
+        The first pass runs at once, so the latest tick missed while no worker ran fires.
+        """
         with scope:
             while True:
-                if not self._scheduler:
-                    await anyio.sleep(self._polling_interval * 10)
-                    continue
-                now = _clock.to_datetime(_clock.now())
-                assert now is not None
-                wait = self._scheduler.seconds_until_next(now)
-                await anyio.sleep(min(wait if wait is not None else 60.0, 60.0))
-                try:
-                    await self.trigger_due_schedules()
-                except DurablyError as exc:
-                    self._get_worker().report(exc, "triggering due schedules")
+                wait: float | None = None
+                if self._scheduler:
+                    try:
+                        await self.trigger_due_schedules()
+                    except DurablyError as exc:
+                        self._get_worker().report(exc, "triggering due schedules")
+                    now = _clock.to_datetime(_clock.now())
+                    assert now is not None
+                    wait = self._scheduler.seconds_until_next(now)
+                await anyio.sleep(min(wait if wait is not None else self._polling_interval * 10, 60.0))
 
     def schedule(
         self,

@@ -1,0 +1,1 @@
+"""Importable apps for the command-line tests (``--app tests.apps.cli_app:durably``)."""
