@@ -106,7 +106,12 @@ def _as_tuple(
 ) -> tuple[str, ...]:
     if value is None:
         return ()
-    values = (value,) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str):
+        values: tuple[Any, ...] = (value,)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        values = tuple(value)
+    else:
+        raise ValidationError(f"{name} must be a string or a list of strings, got {value!r}")
     for item in values:
         if not isinstance(item, str) or (allowed is not None and item not in allowed):
             expected = f"one of {', '.join(allowed)}" if allowed else "a string"
@@ -185,14 +190,15 @@ class Durably:
 
     def register(self, **jobs: JobDefinition[Any, Any]) -> Self:
         """Register job definitions under handle names; returns this instance."""
+        names: dict[str, JobDefinition[Any, Any]] = {}
         for key, definition in jobs.items():
             if not isinstance(definition, JobDefinition):
                 raise ConfigurationError(
                     f"register({key}=...) takes a JobDefinition from define_job(),"
                     f" got {type(definition).__name__}"
                 )
-            existing = self._definitions.get(definition.name)
-            if existing is not None and existing is not definition:
+            existing = self._definitions.get(definition.name) or names.setdefault(definition.name, definition)
+            if existing is not definition:
                 raise ConfigurationError(
                     f"two different jobs are registered with the name {definition.name!r}"
                 )

@@ -13,7 +13,7 @@ import pytest
 from durably import Durably, create_durably, open_storage
 from durably._storage._protocol import Storage
 
-SLOW_CALLBACK_SECONDS = 0.2
+SLOW_CALLBACK_SECONDS = 0.5
 
 
 @pytest.fixture
