@@ -180,6 +180,8 @@ class EventBus:
         self._handlers: dict[str, list[Handler]] = {}
         self._sequence = 0
         self._tasks: set[Any] = set()
+        self._depth = 0
+        self._deferred: list[dict[str, Any]] = []
 
     def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
         if event_type != "*" and event_type not in EVENT_TYPES:
@@ -211,13 +213,21 @@ class EventBus:
             sequence=self._sequence,
             **fields,
         )
-        for handler in handlers:
-            try:
-                result = handler(event)
-                if inspect.isawaitable(result):
-                    self._spawn(result, event)
-            except Exception as exc:
-                self._handler_failed(exc, event)
+        self._depth += 1
+        try:
+            for handler in handlers:
+                try:
+                    result = handler(event)
+                    if inspect.isawaitable(result):
+                        self._spawn(result, event)
+                except Exception as exc:
+                    self._handler_failed(exc, event)
+        finally:
+            self._depth -= 1
+        if not self._depth:
+            # Errors of handlers go out after the event that caused them reached everyone.
+            while self._deferred:
+                self.emit(WorkerErrorEvent, **self._deferred.pop(0))
 
     def _spawn(self, awaitable: Awaitable[None], event: Event) -> None:
         async def guarded() -> None:
@@ -232,13 +242,17 @@ class EventBus:
 
     def _handler_failed(self, exc: Exception, event: Event) -> None:
         _logger.error("event handler failed", event_type=event.type, exc_info=exc)
-        if event.type != "worker:error":
-            self.emit(
-                WorkerErrorEvent,
-                error=f"{type(exc).__name__}: {exc}",
-                context=f"event handler for {event.type}",
-                run_id=getattr(event, "run_id", None),
-            )
+        if event.type == "worker:error":
+            return  # reporting a failing error handler to itself would never end
+        report = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "context": f"event handler for {event.type}",
+            "run_id": getattr(event, "run_id", None),
+        }
+        if self._depth:
+            self._deferred.append(report)
+        else:
+            self.emit(WorkerErrorEvent, **report)
 
     async def drain(self) -> None:
         """Wait for async handlers still running (used on shutdown)."""

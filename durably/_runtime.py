@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
@@ -137,6 +139,8 @@ class Execution:
         self._telemetry_written_at = 0.0
         self._telemetry_due: anyio.Event | None = None
         self._spawn = spawn
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._flusher = anyio.CancelScope()
         self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
 
@@ -407,8 +411,30 @@ class Execution:
 
     # --- progress and logs ----------------------------------------------------------
 
+    # Sync steps run on other threads; progress and logs are handed to the loop's thread.
+
     def progress(self, current: float, total: float | None, message: str | None) -> None:
-        progress = _progress(current, total, message)
+        self._on_loop(self._record_progress, _progress(current, total, message))
+
+    def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
+        step_name = _current_step.get()
+        getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
+        entry = LogEntry(
+            level=level,
+            message=str(message),
+            data=data,
+            step_name=step_name,
+            created_at=_clock.to_datetime(_clock.now()),
+        )
+        self._on_loop(self._record_log, entry)
+
+    def _on_loop(self, record: Callable[[Any], None], value: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            record(value)
+        else:
+            self._loop.call_soon_threadsafe(record, value)
+
+    def _record_progress(self, progress: Progress) -> None:
         if self._bus.wants("run:progress"):
             self._bus.emit(
                 RunProgressEvent,
@@ -420,25 +446,16 @@ class Execution:
         self._telemetry.progress = progress
         self._telemetry_changed()
 
-    def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
-        step_name = _current_step.get()
-        entry = LogEntry(
-            level=level,
-            message=str(message),
-            data=data,
-            step_name=step_name,
-            created_at=_clock.to_datetime(_clock.now()),
-        )
-        getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
+    def _record_log(self, entry: LogEntry) -> None:
         if self._bus.wants("log:write"):
             self._bus.emit(
                 LogWriteEvent,
                 run_id=self.run_id,
                 job_name=self.job_name,
-                step_name=step_name,
-                level=level,
+                step_name=entry.step_name,
+                level=entry.level,
                 message=entry.message,
-                data=data,
+                data=entry.data,
             )
         self._telemetry.logs.append(entry)
         self._telemetry_changed()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 _MAX_THREADS = 64
@@ -64,6 +66,7 @@ async def run_sync(fn: Callable[[], Any]) -> Any:
     """``fn()`` on a worker thread; if the awaiting task is cancelled, the thread is abandoned."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
-    _queue.put((fn, future, loop))
+    # The step's context (current step name, structlog context) goes along to the thread.
+    _queue.put((partial(contextvars.copy_context().run, fn), future, loop))
     _ensure_thread()
     return await future

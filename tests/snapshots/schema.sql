@@ -1,0 +1,83 @@
+-- table durably_labels
+CREATE TABLE durably_labels (
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            run_seq INTEGER NOT NULL,
+            PRIMARY KEY (key, value, run_seq)
+        ) WITHOUT ROWID;
+
+-- index durably_labels_run
+CREATE INDEX durably_labels_run ON durably_labels (run_seq);
+
+-- table durably_logs
+CREATE TABLE durably_logs (
+            seq INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            step_name TEXT,
+            level TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+
+-- index durably_logs_run
+CREATE INDEX durably_logs_run ON durably_logs (run_id, seq);
+
+-- table durably_runs
+CREATE TABLE durably_runs (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            job_name TEXT NOT NULL,
+            status TEXT NOT NULL,
+            input TEXT NOT NULL,
+            output TEXT,
+            error TEXT,
+            progress TEXT,
+            labels TEXT NOT NULL DEFAULT '{}',
+            idempotency_key TEXT,
+            concurrency_key TEXT,
+            attempt INTEGER NOT NULL DEFAULT 1,
+            lease_owner TEXT,
+            lease_generation INTEGER NOT NULL DEFAULT 0,
+            lease_expires_at REAL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            completed_at REAL
+        );
+
+-- index durably_runs_completed
+CREATE INDEX durably_runs_completed
+            ON durably_runs (completed_at) WHERE completed_at IS NOT NULL;
+
+-- index durably_runs_concurrency
+CREATE INDEX durably_runs_concurrency
+            ON durably_runs (concurrency_key, status, seq) WHERE concurrency_key IS NOT NULL;
+
+-- index durably_runs_idempotency
+CREATE UNIQUE INDEX durably_runs_idempotency
+            ON durably_runs (job_name, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- index durably_runs_job
+CREATE INDEX durably_runs_job ON durably_runs (job_name, seq);
+
+-- index durably_runs_status
+CREATE INDEX durably_runs_status ON durably_runs (status, seq);
+
+-- table durably_schema_versions
+CREATE TABLE durably_schema_versions (
+    version INTEGER PRIMARY KEY,
+    applied_at REAL NOT NULL
+);
+
+-- table durably_steps
+CREATE TABLE durably_steps (
+            run_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            output TEXT,
+            error TEXT,
+            started_at REAL,
+            completed_at REAL,
+            PRIMARY KEY (run_id, name)
+        ) WITHOUT ROWID;
