@@ -123,7 +123,6 @@ def test_create_durably_and_durably_take_the_same_arguments() -> None:
         assert param.default == class_params[name].default, name
 
 
-@pytest.mark.usefixtures("_watched_loop")
 async def test_create_durably_and_durably_are_equivalent(storage_url: str) -> None:
     options: dict[str, Any] = {
         "polling_interval": 0.01,
@@ -279,7 +278,6 @@ def test_a_missing_input_type_is_refused() -> None:
 # --- open_storage -----------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("_watched_loop")
 @pytest.mark.parametrize("form", ["file", "plain", "memory"])
 async def test_open_storage_picks_the_local_file_adapter(tmp_path: Path, form: str) -> None:
     url = {
@@ -322,7 +320,6 @@ def _adapter_class(name: str) -> type[Any]:
         pytest.skip(f"durably.adapters.{name} is not importable yet: {exc}")
 
 
-@pytest.mark.usefixtures("_watched_loop")
 @pytest.mark.parametrize(
     "url",
     [
@@ -344,7 +341,6 @@ async def test_remote_urls_pick_the_remote_adapter(url: str) -> None:
         await store.close()
 
 
-@pytest.mark.usefixtures("_watched_loop")
 async def test_file_url_with_sync_url_picks_the_embedded_replica(tmp_path: Path) -> None:
     replica = _adapter_class("EmbeddedReplicaStorage")
     store = open_storage(
@@ -361,7 +357,6 @@ async def test_file_url_with_sync_url_picks_the_embedded_replica(tmp_path: Path)
         await store.close()
 
 
-@pytest.mark.usefixtures("_watched_loop")
 async def test_constructors_do_no_io_and_first_use_names_the_url() -> None:
     url = "file:/nonexistent-dir/x.db"
     store = open_storage(url)
