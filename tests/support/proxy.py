@@ -16,6 +16,7 @@ Thread based (no asyncio), all threads are daemons with bounded waits.
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import socket
 import struct
@@ -28,14 +29,10 @@ _TICK = 0.1  # bound on every blocking wait, so threads notice stop/reset quickl
 
 
 def _rst_close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class _HttpCounter:
@@ -117,7 +114,7 @@ class _HttpCounter:
 
 
 class _Conn:
-    def __init__(self, proxy: "TcpProxy", client: socket.socket) -> None:
+    def __init__(self, proxy: TcpProxy, client: socket.socket) -> None:
         self.proxy = proxy
         self.client = client
         self.upstream: socket.socket | None = None
@@ -133,16 +130,12 @@ class _Conn:
             if self.closed.is_set() or not p._running:
                 return
             try:
-                self.upstream = socket.create_connection(
-                    (p.target_host, p.target_port), timeout=5
-                )
+                self.upstream = socket.create_connection((p.target_host, p.target_port), timeout=5)
             except OSError:
                 _rst_close(self.client)  # upstream down: refuse the client too
                 return
             self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(
-                target=self._pump, args=(self.upstream, self.client, False), daemon=True
-            )
+            t = threading.Thread(target=self._pump, args=(self.upstream, self.client, False), daemon=True)
             t.start()
             self._pump(self.client, self.upstream, True)
             t.join(2)
@@ -160,14 +153,12 @@ class _Conn:
                     continue
                 try:
                     data = src.recv(_CHUNK)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not data:
                     # half-close: pass EOF on
-                    try:
+                    with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
                     return
                 if upstream_dir:
                     p.bytes_up += len(data)
@@ -193,16 +184,12 @@ class _Conn:
             if rst:
                 _rst_close(s)
             else:
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
 
 class TcpProxy:
-    def __init__(
-        self, target_host: str, target_port: int, *, listen_port: int = 0
-    ) -> None:
+    def __init__(self, target_host: str, target_port: int, *, listen_port: int = 0) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self._listen_port = listen_port
@@ -220,12 +207,10 @@ class TcpProxy:
         self.ws_upgrades = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.request_log: collections.deque[tuple[str, str]] = collections.deque(
-            maxlen=10_000
-        )
+        self.request_log: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
 
     # -- lifecycle ----------------------------------------------------------------
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(("127.0.0.1", self._listen_port))
@@ -244,10 +229,8 @@ class TcpProxy:
     def stop(self) -> None:
         self._running = False
         if self._listener is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.close()
-            except OSError:
-                pass
             self._listener = None
         with self._lock:
             conns = list(self._conns)
@@ -257,7 +240,7 @@ class TcpProxy:
             self._accept_thread.join(2)
             self._accept_thread = None
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         if not self._running:
             self.start()
         return self
@@ -327,7 +310,7 @@ class TcpProxy:
                 return
             try:
                 client, _ = ls.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

