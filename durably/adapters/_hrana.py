@@ -18,6 +18,8 @@ import msgspec
 
 from durably._storage._driver import Row, Statement, Value
 
+_MAX_CONNECTIONS = 16
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
@@ -119,7 +121,11 @@ class HranaClient:
 
     async def _pipeline(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            # sqld left some requests unanswered with ~48 in flight at once; 16 was always fine.
+            connector = aiohttp.TCPConnector(limit=_MAX_CONNECTIONS)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, connector=connector
+            )
         body = _encoder.encode({"baton": None, "requests": [request, {"type": "close"}]})
         async with self._session.post(self._endpoint, data=body) as response:
             payload = await response.read()

@@ -79,12 +79,20 @@ class RemoteDriver:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         delay = 0.005
+        stale_retried = False
         for attempt in range(_BUSY_RETRIES + 1):
             try:
                 return await operation()
             except HranaError as exc:
                 if not exc.busy or attempt == _BUSY_RETRIES:
                     raise self._translate(exc) from exc
+            except aiohttp.ServerDisconnectedError as exc:
+                # A kept-alive connection the server closed (a restart) fails on reuse;
+                # try once more on a new one. Durably's writes are idempotent or fenced.
+                if stale_retried:
+                    raise self._translate(exc) from exc
+                stale_retried = True
+                continue
             except (TimeoutError, aiohttp.ClientError, HttpStatusError) as exc:
                 raise self._translate(exc) from exc
             await asyncio.sleep(delay * (0.5 + random.random()))

@@ -2,10 +2,11 @@
 
 Writes go to the primary as one atomic request through the remote driver (a
 ``libsql`` transaction would cost a delegated round trip per statement and hold
-the primary's write lock across them). After each write the replica syncs in
-the background, so this process reads its own writes; it also syncs every
-``sync_interval``. ``libsql`` is synchronous, so its connection lives on one
-thread. Pinned to ``libsql==0.1.8``: later wheels cannot sync from sqld 0.24.
+the primary's write lock across them). The first read after this process's own
+writes syncs first, so it reads its writes; the replica also syncs every
+``sync_interval``. Syncs are kept few on purpose: ``libsql`` holds the GIL during
+its network calls. It is synchronous, so its connection lives on one thread.
+Pinned to ``libsql==0.1.8``: later wheels cannot sync from sqld 0.24.
 """
 
 from __future__ import annotations
@@ -37,13 +38,8 @@ class _Read(NamedTuple):
     loop: asyncio.AbstractEventLoop
 
 
-class _Sync(NamedTuple):
-    """Sync so that reads see the primary as of write number ``upto``."""
-
-    upto: int
-
-
-_PERIODIC = _Sync(-1)
+_PERIODIC = object()  # the replica thread woke up to sync on schedule
+_STOP = None
 
 
 class ReplicaDriver:
@@ -55,7 +51,7 @@ class ReplicaDriver:
         self._sync_url, _, url_token = http_base(sync_url)
         self._auth_token = auth_token or url_token or ""
         self._sync_interval = sync_interval
-        self._queue: queue.SimpleQueue[_Read | _Sync | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._writes = 0  # counted on the loop's thread, read on the replica's
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -75,9 +71,7 @@ class ReplicaDriver:
 
     async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
         rows = await self._primary.write(statements)
-        self._writes += 1
-        if self._thread is not None:
-            self._queue.put(_Sync(self._writes))  # reads queued after this see the write
+        self._writes += 1  # the next read syncs first, so it sees this write
         return rows
 
     async def close(self) -> None:
@@ -100,41 +94,49 @@ class ReplicaDriver:
 
     def _serve(self) -> None:
         conn: Any = None
-        synced_at = 0.0
-        synced_upto = 0
+        synced_at = 0.0  # monotonic time of the last successful sync
+        synced_upto = 0  # the writes that sync covered
+        retry_at = 0.0  # after a failed sync (libsql holds the GIL ~3 s doing one), back off
+        backoff = 1.0
         while True:
-            timeout = max(0.0, synced_at + self._sync_interval - time.monotonic())
+            wait = None if conn is None else max(0.0, synced_at + self._sync_interval - time.monotonic())
             try:
-                item = self._queue.get(timeout=timeout) if conn is not None else self._queue.get()
+                item: _Read | object | None = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = _PERIODIC
-            if item is None:
+            if item is _STOP:
                 break
-            try:
-                if conn is None:
+            if conn is None:
+                try:
                     conn = self._connect()
-                    synced_at = time.monotonic()
-                if isinstance(item, _Sync):
-                    # Several writes queued several syncs; the first one covers them all.
-                    if item is _PERIODIC or item.upto > synced_upto:
-                        upto = self._writes
-                        conn.sync()
-                        synced_at, synced_upto = time.monotonic(), upto
+                except ValueError as exc:
+                    self._reply(item, StorageError(f"cannot open {self.url}: {exc}", transient=True))
                     continue
-            except ValueError as exc:
-                error = StorageError(f"{self.url}: {exc}", transient=True)
-                _logger.warning("replica sync failed", url=self.url, error=str(exc))
-                if isinstance(item, _Read):
-                    answer(item.loop, [(item.future, error)])
-                continue
-            assert isinstance(item, _Read)
-            try:
-                value: Any = conn.execute(item.sql, tuple(item.params)).fetchall()
-            except ValueError as exc:
-                value = StorageError(f"{self.url}: {exc}")
-            answer(item.loop, [(item.future, value)])
+                synced_at = time.monotonic()
+            now = time.monotonic()
+            if (item is _PERIODIC or self._writes > synced_upto) and now >= retry_at:
+                upto = self._writes
+                try:
+                    conn.sync()
+                    synced_at, synced_upto, backoff = time.monotonic(), upto, 1.0
+                except ValueError as exc:
+                    # Reads go on from the local copy; the next sync tries again later.
+                    retry_at, backoff = now + backoff, min(backoff * 2, 30.0)
+                    synced_at = now
+                    _logger.warning("replica sync failed", url=self.url, error=str(exc))
+            if isinstance(item, _Read):
+                try:
+                    value: Any = conn.execute(item.sql, tuple(item.params)).fetchall()
+                except ValueError as exc:
+                    value = StorageError(f"{self.url}: {exc}")
+                self._reply(item, value)
         if conn is not None:
             conn.close()
+
+    @staticmethod
+    def _reply(item: object, value: Any) -> None:
+        if isinstance(item, _Read):
+            answer(item.loop, [(item.future, value)])
 
     def _connect(self) -> Any:
         # libsql logs every replication handshake at INFO to stdout unless told otherwise.
