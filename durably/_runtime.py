@@ -44,6 +44,7 @@ _logger = structlog.get_logger("durably")
 _current_step: ContextVar[str | None] = ContextVar("durably_current_step", default=None)
 
 _TELEMETRY_PERIOD = 1.0
+_NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
 StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown"]
 Finished = Callable[[str, str, bytes | None, str | None], None]
@@ -117,6 +118,7 @@ class Execution:
         lease_seconds: float,
         on_finished: Finished,
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
+        on_body_done: Callable[[Execution], None],
     ) -> None:
         self.run = claimed.run
         self.run_id = claimed.run.id
@@ -139,6 +141,7 @@ class Execution:
         self._telemetry_written_at = 0.0
         self._telemetry_due: anyio.Event | None = None
         self._spawn = spawn
+        self._on_body_done = on_body_done
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._flusher = anyio.CancelScope()
@@ -174,6 +177,7 @@ class Execution:
                 outcome = await self._run_job()
         self._finishing = True
         self._flusher.cancel()  # the outcome write below carries what is left
+        self._on_body_done(self)
         with anyio.CancelScope(shield=True):
             if outcome is None or self.stop_reason is not None:
                 await self._stopped()
@@ -319,7 +323,8 @@ class Execution:
         self._seen_steps.add(name)
         index = self._next_index
         self._next_index += 1
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.stop_reason is not None:
+            await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
         stored = self._stored_steps.get(name)
         if stored is not None:
             if self._bus.wants("step:skip"):
@@ -461,9 +466,10 @@ class Execution:
         self._telemetry_changed()
 
     def _take_telemetry(self) -> Telemetry:
+        if not self._telemetry:
+            return _NO_TELEMETRY
         telemetry, self._telemetry = self._telemetry, Telemetry()
-        if telemetry:
-            self._telemetry_written_at = time.monotonic()
+        self._telemetry_written_at = time.monotonic()
         return telemetry
 
     def _telemetry_changed(self) -> None:

@@ -65,6 +65,9 @@ class Worker:
         self._max_concurrent = max_concurrent_runs
         self._on_finished = on_finished
         self._active: dict[str, Execution] = {}
+        # Runs whose job body returned and whose outcome is being written: their slot is
+        # free already, so the next claim overlaps that write.
+        self._finishing: set[str] = set()
         self._wake = anyio.Event()
         self._stopping = False
         self._log = _logger.bind(worker_id=worker_id)
@@ -107,7 +110,7 @@ class Worker:
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     self._wake = anyio.Event()
-                    free = self._max_concurrent - len(self._active)
+                    free = self._max_concurrent - len(self._active) + len(self._finishing)
                     if free > 0:
                         try:
                             claimed = await self.claim(free)
@@ -144,10 +147,15 @@ class Worker:
             lease_seconds=self._stale_threshold,
             on_finished=self._on_finished,
             spawn=task_group.start_soon,
+            on_body_done=self._body_done,
         )
         self._active[execution.run_id] = execution
         task_group.start_soon(self._execute, execution)
         return execution
+
+    def _body_done(self, execution: Execution) -> None:
+        self._finishing.add(execution.run_id)
+        self._wake.set()
 
     async def _execute(self, execution: Execution) -> None:
         try:
@@ -156,6 +164,7 @@ class Worker:
             self.report(exc, "executing a run", run_id=execution.run_id)
         finally:
             self._active.pop(execution.run_id, None)
+            self._finishing.discard(execution.run_id)
             self._wake.set()
 
     async def process(self, limit: int) -> int:

@@ -115,26 +115,33 @@ class LocalFileDriver:
             conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Answer]:
-        if len(jobs) == 1 and not jobs[0].write:
+        if len(jobs) == 1 and (not jobs[0].write or len(jobs[0].statements) == 1):
+            # A read needs no transaction; one write statement is a transaction of its own
+            # (a writing statement takes the write lock before it reads).
             return [(jobs[0].future, self._run(conn, jobs[0].statements))]
         conn.execute("BEGIN IMMEDIATE")
-        answers: list[Answer] = []
         try:
-            for job in jobs:
-                conn.execute("SAVEPOINT durably_op")
-                try:
-                    answer: Any = self._run(conn, job.statements)
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO durably_op")
-                    answer = self._error(exc)
-                conn.execute("RELEASE durably_op")
-                answers.append((job.future, answer))
+            if len(jobs) == 1:
+                answers: list[Answer] = [(jobs[0].future, self._run(conn, jobs[0].statements))]
+            else:
+                answers = [(job.future, self._run_isolated(conn, job.statements)) for job in jobs]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return answers
+
+    def _run_isolated(self, conn: sqlite3.Connection, statements: Sequence[Statement]) -> Any:
+        """One operation of a group: its failure undoes only its own statements."""
+        conn.execute("SAVEPOINT durably_op")
+        try:
+            answer: Any = self._run(conn, statements)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO durably_op")
+            answer = self._error(exc)
+        conn.execute("RELEASE durably_op")
+        return answer
 
     @staticmethod
     def _run(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
