@@ -46,7 +46,7 @@ _current_step: ContextVar[str | None] = ContextVar("durably_current_step", defau
 _TELEMETRY_PERIOD = 1.0
 _NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
-StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown"]
+StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost"]
 Finished = Callable[[str, str, bytes | None, str | None], None]
 
 
@@ -127,6 +127,7 @@ class Execution:
         self._stored_steps = claimed.steps
         self._definition = definition
         self._storage = storage
+        self._blocking_saver = storage.blocking_step_saver()
         self._bus = bus
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
@@ -300,6 +301,17 @@ class Execution:
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
 
+    async def _store(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+        """A step's fenced write. If the database stays unreachable for a lease's length,
+        the run is abandoned, not failed: its lease expires and a worker resumes it."""
+        try:
+            return await self._write(operation)
+        except StorageError as exc:
+            self._report(exc, "storing a step; the run is left to be resumed when its lease expires")
+            self.stop("storage_lost")
+            await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
+            raise  # only if the step was already finishing
+
     def _report(self, exc: BaseException, context: str) -> None:
         self._log.warning("storage error", context=context, error=describe(exc))
         self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=self.run_id)
@@ -355,23 +367,13 @@ class Execution:
         started = time.perf_counter()
         token = _current_step.set(name)
         try:
-            value = await _call(fn, args, kwargs)
-            try:
-                output = _codec.encode(value)
-            except TypeError as exc:
-                raise TypeError(
-                    f"step {name!r} returned a value that cannot be stored as JSON: {exc}"
-                ) from exc
+            output, held = await self._compute_and_store(name, index, fn, args, kwargs, started_at)
         except Exception as exc:
             await self._step_failed(name, index, exc, started_at)
             raise
         finally:
             _current_step.reset(token)
-        record = StepRecord(
-            name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
-        )
-        telemetry = self._take_telemetry()
-        if not await self._write(lambda: self._storage.save_step(self.lease, record, telemetry)):
+        if not held:
             await self._lease_gone()
         result = self._result(output, type_, name)
         if self._bus.wants("step:complete"):
@@ -386,6 +388,51 @@ class Execution:
             )
         return result
 
+    async def _compute_and_store(
+        self,
+        name: str,
+        index: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        started_at: float,
+    ) -> tuple[bytes, bool]:
+        """Run the step, store its JSON result; (the JSON, whether the lease was held)."""
+        saver = self._blocking_saver
+        if saver is not None and not inspect.iscoroutinefunction(fn):
+            # A sync step on the local file: its thread stores the result right away, so
+            # the loop wakes once per step instead of twice.
+            lease, telemetry = self.lease, self._take_telemetry()
+
+            def compute_and_store() -> tuple[bytes | None, Any]:
+                value = fn(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    return None, value
+                output = _encode_result(name, value)
+                record = StepRecord(
+                    name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
+                )
+                try:
+                    return output, saver(lease, record, telemetry)
+                except StorageError as exc:
+                    return output, exc  # retried from the loop below
+
+            try:
+                stored, outcome = await _threads.run_sync(compute_and_store)
+            except BaseException:
+                self._restore_telemetry(telemetry)
+                raise
+            if stored is not None and isinstance(outcome, bool):
+                return stored, outcome
+            output = stored if stored is not None else _encode_result(name, await outcome)
+        else:
+            output = _encode_result(name, await _call(fn, args, kwargs))
+            telemetry = self._take_telemetry()
+        record = StepRecord(
+            name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
+        )
+        return output, await self._store(lambda: self._storage.save_step(self.lease, record, telemetry))
+
     async def _step_failed(self, name: str, index: int, exc: Exception, started_at: float) -> None:
         self._step_errors.append((exc, name))
         error = describe(exc)
@@ -393,7 +440,7 @@ class Execution:
             name=name, index=index, error=error, started_at=started_at, completed_at=_clock.now()
         )
         telemetry = self._take_telemetry()
-        if not await self._write(lambda: self._storage.save_step(self.lease, record, telemetry)):
+        if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
             await self._lease_gone()
         if self._bus.wants("step:fail"):
             self._bus.emit(
@@ -472,6 +519,14 @@ class Execution:
         self._telemetry_written_at = time.monotonic()
         return telemetry
 
+    def _restore_telemetry(self, telemetry: Telemetry) -> None:
+        """Put back progress and logs taken for a write that did not happen."""
+        if not telemetry:
+            return
+        self._telemetry.logs[:0] = telemetry.logs
+        if self._telemetry.progress is None:
+            self._telemetry.progress = telemetry.progress
+
     def _telemetry_changed(self) -> None:
         if self._finishing:
             return  # the outcome write carries it
@@ -503,6 +558,13 @@ class Execution:
             if not held:
                 self.stop(await self.why_lease_gone())
                 return
+
+
+def _encode_result(name: str, value: Any) -> bytes:
+    try:
+        return _codec.encode(value)
+    except TypeError as exc:
+        raise TypeError(f"step {name!r} returned a value that cannot be stored as JSON: {exc}") from exc
 
 
 def _progress(current: float, total: float | None, message: str | None) -> Progress:

@@ -10,8 +10,8 @@ from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
-from durably._storage._driver import Driver, Row, Statement, Value
-from durably._storage._protocol import Lease, RunFilter, StepRecord, Telemetry
+from durably._storage._driver import BlockingDriver, Driver, Row, Statement, Value
+from durably._storage._protocol import BlockingStepSaver, Lease, RunFilter, StepRecord, Telemetry
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
@@ -86,6 +86,31 @@ def _log_statements(lease: Lease, telemetry: Telemetry) -> list[Statement]:
     return [(q.SAVE_LOGS, (lease.run_id, _codec.encode(lines).decode(), lease.run_id, lease.generation))]
 
 
+def _save_step_statements(lease: Lease, step: StepRecord, telemetry: Telemetry) -> list[Statement]:
+    statements: list[Statement] = [
+        (
+            q.SAVE_STEP,
+            (
+                lease.run_id,
+                step.name,
+                step.index,
+                "failed" if step.error is not None else "completed",
+                None if step.output is None else step.output.decode(),
+                step.error,
+                step.started_at,
+                step.completed_at,
+                lease.run_id,
+                lease.generation,
+            ),
+        )
+    ]
+    if telemetry.progress is not None:
+        progress = _progress_json(telemetry.progress)
+        statements.append((q.SAVE_PROGRESS, (progress, lease.run_id, lease.generation)))
+    statements.extend(_log_statements(lease, telemetry))
+    return statements
+
+
 def _held(rows: list[Row]) -> bool:
     return bool(rows)
 
@@ -95,6 +120,7 @@ class SqlStorage:
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
+        self._blocking_step_saver = self._make_blocking_step_saver()
 
     @property
     def url(self) -> str:
@@ -180,37 +206,21 @@ class SqlStorage:
         return await self._guarded(lease, (q.RELEASE_LEASE, params), telemetry)
 
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
-        statements: list[Statement] = [
-            (
-                q.SAVE_STEP,
-                (
-                    lease.run_id,
-                    step.name,
-                    step.index,
-                    "failed" if step.error is not None else "completed",
-                    None if step.output is None else step.output.decode(),
-                    step.error,
-                    step.started_at,
-                    step.completed_at,
-                    lease.run_id,
-                    lease.generation,
-                ),
-            )
-        ]
-        if telemetry.progress is not None:
-            statements.append(
-                (
-                    q.SAVE_PROGRESS,
-                    (
-                        _progress_json(telemetry.progress),
-                        lease.run_id,
-                        lease.generation,
-                    ),
-                )
-            )
-        statements.extend(_log_statements(lease, telemetry))
-        results = await self._driver.write(statements)
+        results = await self._driver.write(_save_step_statements(lease, step, telemetry))
         return _held(results[0])
+
+    def blocking_step_saver(self) -> BlockingStepSaver | None:
+        return self._blocking_step_saver
+
+    def _make_blocking_step_saver(self) -> BlockingStepSaver | None:
+        driver = self._driver
+        if not isinstance(driver, BlockingDriver):
+            return None
+
+        def save(lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
+            return _held(driver.write_blocking(_save_step_statements(lease, step, telemetry))[0])
+
+        return save
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
         progress: Statement = (

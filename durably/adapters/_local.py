@@ -38,9 +38,15 @@ class LocalFileDriver:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Operations submitted during one pass of an event loop, handed over together.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The connection is shared by the database thread and, for write_blocking(),
+        # by step threads; the lock serialises them (sqlite3 releases the GIL meanwhile).
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
 
     @property
     def url(self) -> str:
@@ -60,8 +66,17 @@ class LocalFileDriver:
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[list[Row]]] = loop.create_future()
-        self._queue.put(_Job(statements, write, future, loop))
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append(_Job(statements, write, future, loop))
         return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A run's completion and the worker's next claim, submitted by two tasks in one
+        # pass of the loop, reach the database thread together: one commit, one wake-up.
+        self._queue.put(self._pending.pop(loop))
 
     async def close(self) -> None:
         if self._closed:
@@ -73,7 +88,36 @@ class LocalFileDriver:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
 
+    def write_blocking(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """``write()`` for a thread that is not the event loop's: no hop to the loop at all.
+
+        A sync step's thread stores the step's result this way right after computing it.
+        """
+        if self._closed:
+            raise StorageError(f"{self.url}: storage is closed")
+        try:
+            with self._lock:
+                conn = self._connection()
+                if len(statements) == 1:
+                    return self._run(conn, statements)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = self._run(conn, statements)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                return rows
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
     # --- on the database thread -------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -86,33 +130,32 @@ class LocalFileDriver:
         return conn
 
     def _serve(self) -> None:
-        conn: sqlite3.Connection | None = None
         running = True
         while running:
-            jobs: list[_Job] = []
             first = self._queue.get()
             if first is None:
                 break
-            jobs.append(first)
+            jobs = list(first)
             while len(jobs) < _MAX_GROUP:
                 try:
-                    job = self._queue.get_nowait()
+                    more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is None:
+                if more is None:
                     running = False
                     break
-                jobs.append(job)
+                jobs.extend(more)
             try:
-                if conn is None:
-                    conn = self._connect()
-                answers = self._run_group(conn, jobs)
+                with self._lock:
+                    answers = self._run_group(self._connection(), jobs)
             except Exception as exc:  # answer every waiter, whatever went wrong
                 error = self._error(exc)
                 answers = [(job.future, error) for job in jobs]
             self._answer(jobs, answers)
-        if conn is not None:
-            conn.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Answer]:
         if len(jobs) == 1 and (not jobs[0].write or len(jobs[0].statements) == 1):

@@ -1,0 +1,1 @@
+"""durably's benchmarks: ``nox -s bench`` (or ``python -m benchmarks``) prints the table."""
