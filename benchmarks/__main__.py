@@ -81,25 +81,23 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
 
     floor_figures = median_of(trials, lambda: floor(root / f"floor-{time.monotonic_ns()}.db"))
-    jobs_floor = floor_figures["jobs_per_s"]
-    for kind, n, kind_trials in (
-        ("local", n_local, trials),
-        ("remote", n_remote, 1),
-        ("replica", n_remote, 1),
-    ):
+    plan = (("local", n_local, trials), ("remote", n_remote, 1), ("replica", n_remote, 1))
+    for kind, n, kind_trials in plan:
         db = Database(kind, root)
         for workload, conc in (("W3", 1), ("W3", 8), ("W0", 1), ("W0", 8)):
-            result = median_of(kind_trials, lambda w=workload, c=conc: db.run(w, c, n))
+            result = median_of(kind_trials, lambda d=db, w=workload, c=conc, k=n: d.run(w, c, k))
             rows.setdefault(f"{workload} drain runs/s c={conc}", {})[kind] = result["drain_runs_per_s"]
             if workload == "W3" and conc == 1:
                 rows.setdefault("trigger runs/s", {})[kind] = result["trigger_runs_per_s"]
-        latency = median_of(kind_trials, lambda: db.run("L", 1, 50))
+        latency = median_of(kind_trials, lambda d=db: d.run("L", 1, 50))
         rows.setdefault("L p50 ms", {})[kind] = latency["p50_ms"]
         rows.setdefault("L p95 ms", {})[kind] = latency["p95_ms"]
         print(f"# {kind} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     requests = asyncio.run(count_requests(root / "rt", n=100))
-    memory = Database("local", root).run("MEM", 1, 2000 if options.quick else 10_000)
+    memory_runs = 2000 if options.quick else 10_000
+    memory = Database("local", root).run("MEM", 1, memory_runs)
+    memory["runs"] = memory_runs
     print_table(rows, floor_figures, requests, memory)
     print(f"\n({time.perf_counter() - started:.0f} s; machine: {_machine()})")
 
@@ -131,7 +129,7 @@ def print_table(
         print(f"- {name}: {value:.2f}")
     print(
         f"\nMemory: RSS {memory['rss_before_mb']:.1f} MB after 1,000 runs,"
-        f" {memory['rss_after_mb']:.1f} MB after 10,000 more (growth {memory['rss_growth_mb']:+.1f} MB)"
+        f" {memory['rss_after_mb']:.1f} MB after {memory['runs']:,.0f} more (growth {memory['rss_growth_mb']:+.1f} MB)"
     )
     local = rows["W3 drain runs/s c=1"]["local"]
     print("\nAgainst the anchors (shared/ANCHORS.md, same kind of machine):")
@@ -146,7 +144,8 @@ def print_table(
     print(f"- L p50 local: {rows['L p50 ms']['local']:.2f} ms (Node + WAL: {NODE_WAL['L p50']} ms)")
     remote = rows["W3 drain runs/s c=1"]["remote"]
     print(
-        f"- W3 c=1 remote vs Node durably over HTTP to sqld ({NODE_SQLD_W3:.0f}): {remote / NODE_SQLD_W3:.1f}x"
+        f"- W3 c=1 remote vs Node durably over HTTP to sqld ({NODE_SQLD_W3:.0f}):"
+        f" {remote / NODE_SQLD_W3:.1f}x"
     )
 
 
