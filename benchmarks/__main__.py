@@ -129,7 +129,8 @@ def print_table(
         print(f"- {name}: {value:.2f}")
     print(
         f"\nMemory: RSS {memory['rss_before_mb']:.1f} MB after 1,000 runs,"
-        f" {memory['rss_after_mb']:.1f} MB after {memory['runs']:,.0f} more (growth {memory['rss_growth_mb']:+.1f} MB)"
+        f" {memory['rss_after_mb']:.1f} MB after {memory['runs']:,.0f} more"
+        f" (growth {memory['rss_growth_mb']:+.1f} MB)"
     )
     local = rows["W3 drain runs/s c=1"]["local"]
     print("\nAgainst the anchors (shared/ANCHORS.md, same kind of machine):")
