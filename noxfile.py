@@ -9,7 +9,6 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 
-
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/)."""
