@@ -37,7 +37,7 @@ class Driver(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release connections; the driver may not be used afterwards."""
+        """Release connections and threads; a later use opens them again."""
         ...
 
 

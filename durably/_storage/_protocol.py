@@ -175,5 +175,5 @@ class Storage(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release the database; idempotent."""
+        """Release connections and threads; idempotent. A later use opens them again."""
         ...

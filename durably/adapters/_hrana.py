@@ -9,6 +9,7 @@ authentication errors (docs/deploying-on-turso.md has the measurements).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from typing import Any
@@ -118,9 +119,14 @@ class HranaClient:
             self._headers["authorization"] = f"Bearer {auth_token}"
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
         self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
     async def _pipeline(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self._session is None or self._session.closed:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            # A session belongs to one event loop; serverless handlers often run a new
+            # loop per invocation (asyncio.run) with a module-level instance.
+            self._session_loop = loop
             # sqld left some requests unanswered with ~48 in flight at once; 16 was always fine.
             connector = aiohttp.TCPConnector(limit=_MAX_CONNECTIONS)
             self._session = aiohttp.ClientSession(

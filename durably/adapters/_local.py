@@ -42,7 +42,6 @@ class LocalFileDriver:
         # Operations submitted during one pass of an event loop, handed over together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
-        self._closed = False
         # The connection is shared by the database thread and, for write_blocking(),
         # by step threads; the lock serialises them (sqlite3 releases the GIL meanwhile).
         self._lock = threading.Lock()
@@ -59,8 +58,6 @@ class LocalFileDriver:
         return await self._submit(statements, write=True)
 
     async def _submit(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
-        if self._closed:
-            raise StorageError(f"{self.url}: storage is closed")
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
             self._thread.start()
@@ -79,12 +76,10 @@ class LocalFileDriver:
         self._queue.put(self._pending.pop(loop))
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is not None:
+        """Stop the thread and close the connection; a later use opens them again."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            thread = self._thread
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
 
@@ -93,8 +88,6 @@ class LocalFileDriver:
 
         A sync step's thread stores the step's result this way right after computing it.
         """
-        if self._closed:
-            raise StorageError(f"{self.url}: storage is closed")
         try:
             with self._lock:
                 conn = self._connection()

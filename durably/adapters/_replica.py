@@ -54,15 +54,12 @@ class ReplicaDriver:
         self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._writes = 0  # counted on the loop's thread, read on the replica's
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     @property
     def url(self) -> str:
         return f"file:{self._path} (replica of {self._primary.url})"
 
     async def read(self, sql: str, params: Sequence[Value] = ()) -> list[Row]:
-        if self._closed:
-            raise StorageError(f"{self.url}: storage is closed")
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Row]] = loop.create_future()
@@ -75,13 +72,11 @@ class ReplicaDriver:
         return rows
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Close the primary's connections and the replica; a later use opens them again."""
         await self._primary.close()
-        if self._thread is not None:
-            self._queue.put(None)
-            thread = self._thread
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
 
