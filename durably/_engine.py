@@ -7,7 +7,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -20,17 +20,16 @@ from durably import _clock, _codec, _ids
 from durably._events import (
     EventBus,
     Handler,
-    LogWriteEvent,
     RunCancelEvent,
     RunDeleteEvent,
-    RunProgressEvent,
     RunRetryEvent,
     RunTriggerEvent,
 )
-from durably._job import JobDefinition, JobHandle
-from durably._models import TERMINAL_STATUSES, LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably._job import JobDefinition, JobHandle, Jobs
+from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
 from durably._schedules import Scheduler
 from durably._storage._protocol import RunFilter, Storage
+from durably._waiting import Outcome, Waiters
 from durably._worker import Worker
 from durably.adapters import open_storage
 from durably.errors import (
@@ -44,50 +43,6 @@ from durably.errors import (
 
 _logger = structlog.get_logger("durably")
 _STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
-
-
-class Jobs:
-    """The registered job handles: ``durably.jobs.name`` or ``durably.jobs["name"]``."""
-
-    def __init__(self) -> None:
-        self._handles: dict[str, JobHandle[Any, Any]] = {}
-
-    def __getattr__(self, key: str) -> JobHandle[Any, Any]:
-        try:
-            return self._handles[key]
-        except KeyError:
-            raise AttributeError(
-                f"no job registered as {key!r}; registered: {sorted(self._handles)}"
-            ) from None
-
-    def __getitem__(self, key: str) -> JobHandle[Any, Any]:
-        try:
-            return self._handles[key]
-        except KeyError:
-            raise KeyError(f"no job registered as {key!r}; registered: {sorted(self._handles)}") from None
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._handles
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._handles)
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-
-class _Outcome(msgspec.Struct):
-    status: str
-    output: bytes | None
-    error: str | None
-
-
-class _Waiter:
-    """Wakes ``wait_for_run`` when a run ends in this process, with how it ended."""
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.outcome: _Outcome | None = None
 
 
 def _positive(name: str, value: float) -> float:
@@ -179,7 +134,7 @@ class Durably:
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._worker: Worker | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._waiters: dict[str, list[_Waiter]] = {}
+        self._waiters = Waiters(self.storage, self._bus, polling_interval=self._polling_interval)
         self._migrated = False
         self._scheduler = Scheduler()
 
@@ -416,7 +371,7 @@ class Durably:
         on_progress: Callable[[Progress], Any] | None,
         on_log: Callable[[LogEntry], Any] | None,
     ) -> RunResult[Any]:
-        outcome = await self._wait(run, timeout=timeout, on_progress=on_progress, on_log=on_log)
+        outcome = await self._waiters.wait(run, timeout=timeout, on_progress=on_progress, on_log=on_log)
         if outcome.status == "failed":
             raise RunFailedError(run.id, outcome.error)
         if outcome.status == "cancelled":
@@ -433,52 +388,11 @@ class Durably:
     async def wait_for_run(self, run_id: str, timeout: float | None = None) -> Run:
         """The run once it is completed, failed or cancelled; ``TimeoutError`` after ``timeout``."""
         run = await self._require(run_id)
-        await self._wait(run, timeout=timeout)
+        await self._waiters.wait(run, timeout=timeout)
         return await self._require(run_id)
 
-    async def _wait(
-        self,
-        run: Run,
-        *,
-        timeout: float | None,
-        on_progress: Callable[[Progress], Any] | None = None,
-        on_log: Callable[[LogEntry], Any] | None = None,
-    ) -> _Outcome:
-        if timeout is not None:
-            _positive("timeout", timeout)
-        watcher = _Watcher(run.id, self._bus, on_progress, on_log)
-        waiter = _Waiter()
-        self._waiters.setdefault(run.id, []).append(waiter)
-        poll = min(max(self._polling_interval, 0.05), 1.0)
-        try:
-            with anyio.move_on_after(timeout) as deadline:
-                current: Run | None = run
-                while waiter.outcome is None:
-                    if current is None:
-                        raise NotFoundError(f"run {run.id} was deleted while being waited for")
-                    if current.status in TERMINAL_STATUSES:
-                        return _Outcome(current.status, _codec.encode(current.output), current.error)
-                    with anyio.move_on_after(poll):
-                        await waiter.event.wait()
-                    if waiter.outcome is None:
-                        current = await self.storage.get_run(run.id)
-                        if current is not None:
-                            await watcher.poll(self.storage, current)
-                return waiter.outcome
-            assert deadline.cancelled_caught
-            raise TimeoutError(f"run {run.id} did not end within {timeout} s; it goes on")
-        finally:
-            watcher.close()
-            waiters = self._waiters.get(run.id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(run.id, None)
-
     def _run_finished(self, run_id: str, status: str, output: bytes | None, error: str | None) -> None:
-        for waiter in self._waiters.pop(run_id, ()):
-            waiter.outcome = _Outcome(status, output, error)
-            waiter.event.set()
+        self._waiters.finished(run_id, Outcome(status, output, error))
 
     # --- the run API ----------------------------------------------------------------------
 
@@ -589,70 +503,6 @@ class Durably:
         await self._ready()
         assert cutoff is not None
         return await self.storage.purge_runs(completed_before=cutoff, limit=limit)
-
-
-class _Watcher:
-    """Feeds ``on_progress``/``on_log`` from local events, or from polling for remote runs."""
-
-    def __init__(
-        self,
-        run_id: str,
-        bus: EventBus,
-        on_progress: Callable[[Progress], Any] | None,
-        on_log: Callable[[LogEntry], Any] | None,
-    ) -> None:
-        self._run_id = run_id
-        self._on_progress = on_progress
-        self._on_log = on_log
-        self._last_progress: Progress | None = None
-        self._logs_seen = 0
-        # Once this process emits events for the run, they are fresher than the
-        # database (progress is stored up to a second late): stop polling then.
-        self._local = False
-        self._unsubscribe: list[Callable[[], None]] = []
-        if on_progress is not None:
-            self._unsubscribe.append(bus.on("run:progress", self._progress_event))
-        if on_log is not None:
-            self._unsubscribe.append(bus.on("log:write", self._log_event))
-
-    def _progress_event(self, event: RunProgressEvent) -> None:
-        if event.run_id == self._run_id:
-            self._local = True
-            self._deliver_progress(event.progress)
-
-    def _deliver_progress(self, progress: Progress) -> None:
-        if progress != self._last_progress and self._on_progress is not None:
-            self._last_progress = progress
-            self._on_progress(progress)
-
-    def _log_event(self, event: LogWriteEvent) -> None:
-        if event.run_id == self._run_id and self._on_log is not None:
-            self._local = True
-            self._logs_seen += 1
-            self._on_log(
-                LogEntry(
-                    level=event.level,
-                    message=event.message,
-                    data=event.data,
-                    step_name=event.step_name,
-                    created_at=event.timestamp,
-                )
-            )
-
-    async def poll(self, storage: Storage, run: Run) -> None:
-        if self._local:
-            return
-        if run.progress is not None:
-            self._deliver_progress(run.progress)
-        if self._on_log is not None:
-            logs = await storage.get_logs(self._run_id)
-            for entry in logs[self._logs_seen :]:
-                self._logs_seen += 1
-                self._on_log(entry)
-
-    def close(self) -> None:
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
 
 
 def create_durably(

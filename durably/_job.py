@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from durably._models import Progress, Run, RunResult
@@ -145,3 +145,33 @@ class JobHandle(Generic[InputT, OutputT]):
 
     def __repr__(self) -> str:
         return f"JobHandle(name={self.name!r})"
+
+
+class Jobs:
+    """The registered job handles: ``durably.jobs.name`` or ``durably.jobs["name"]``."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, JobHandle[Any, Any]] = {}
+
+    def __getattr__(self, key: str) -> JobHandle[Any, Any]:
+        try:
+            return self._handles[key]
+        except KeyError:
+            raise AttributeError(
+                f"no job registered as {key!r}; registered: {sorted(self._handles)}"
+            ) from None
+
+    def __getitem__(self, key: str) -> JobHandle[Any, Any]:
+        try:
+            return self._handles[key]
+        except KeyError:
+            raise KeyError(f"no job registered as {key!r}; registered: {sorted(self._handles)}") from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._handles
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._handles)
