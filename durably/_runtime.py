@@ -127,7 +127,6 @@ class Execution:
         self._stored_steps = claimed.steps
         self._definition = definition
         self._storage = storage
-        self._blocking_saver = storage.blocking_step_saver()
         self._bus = bus
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
@@ -398,36 +397,8 @@ class Execution:
         started_at: float,
     ) -> tuple[bytes, bool]:
         """Run the step, store its JSON result; (the JSON, whether the lease was held)."""
-        saver = self._blocking_saver
-        if saver is not None and not inspect.iscoroutinefunction(fn):
-            # A sync step on the local file: its thread stores the result right away, so
-            # the loop wakes once per step instead of twice.
-            lease, telemetry = self.lease, self._take_telemetry()
-
-            def compute_and_store() -> tuple[bytes | None, Any]:
-                value = fn(*args, **kwargs)
-                if inspect.isawaitable(value):
-                    return None, value
-                output = _encode_result(name, value)
-                record = StepRecord(
-                    name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
-                )
-                try:
-                    return output, saver(lease, record, telemetry)
-                except StorageError as exc:
-                    return output, exc  # retried from the loop below
-
-            try:
-                stored, outcome = await _threads.run_sync(compute_and_store)
-            except BaseException:
-                self._restore_telemetry(telemetry)
-                raise
-            if stored is not None and isinstance(outcome, bool):
-                return stored, outcome
-            output = stored if stored is not None else _encode_result(name, await outcome)
-        else:
-            output = _encode_result(name, await _call(fn, args, kwargs))
-            telemetry = self._take_telemetry()
+        output = _encode_result(name, await _call(fn, args, kwargs))
+        telemetry = self._take_telemetry()
         record = StepRecord(
             name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
         )
@@ -518,14 +489,6 @@ class Execution:
         telemetry, self._telemetry = self._telemetry, Telemetry()
         self._telemetry_written_at = time.monotonic()
         return telemetry
-
-    def _restore_telemetry(self, telemetry: Telemetry) -> None:
-        """Put back progress and logs taken for a write that did not happen."""
-        if not telemetry:
-            return
-        self._telemetry.logs[:0] = telemetry.logs
-        if self._telemetry.progress is None:
-            self._telemetry.progress = telemetry.progress
 
     def _telemetry_changed(self) -> None:
         if self._finishing:

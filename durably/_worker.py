@@ -64,10 +64,13 @@ class Worker:
         self._stale_threshold = stale_threshold
         self._max_concurrent = max_concurrent_runs
         self._on_finished = on_finished
+        # Every execution in flight, and the newest per run: a retried run can be claimed
+        # again while its cancelled execution is still unwinding.
+        self._running: set[Execution] = set()
         self._active: dict[str, Execution] = {}
         # Runs whose job body returned and whose outcome is being written: their slot is
         # free already, so the next claim overlaps that write.
-        self._finishing: set[str] = set()
+        self._finishing: set[Execution] = set()
         self._wake = anyio.Event()
         self._stopping = False
         self._log = _logger.bind(worker_id=worker_id)
@@ -90,12 +93,12 @@ class Worker:
 
     def shut_down_runs(self) -> None:
         """Stop the runs still executing and release their leases."""
-        for execution in list(self._active.values()):
+        for execution in list(self._running):
             execution.stop("shutdown")
 
     @property
     def busy(self) -> bool:
-        return bool(self._active)
+        return bool(self._running)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -110,7 +113,7 @@ class Worker:
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     self._wake = anyio.Event()
-                    free = self._max_concurrent - len(self._active) + len(self._finishing)
+                    free = self._max_concurrent - len(self._running) + len(self._finishing)
                     if free > 0:
                         try:
                             claimed = await self.claim(free)
@@ -150,11 +153,12 @@ class Worker:
             on_body_done=self._body_done,
         )
         self._active[execution.run_id] = execution
+        self._running.add(execution)
         task_group.start_soon(self._execute, execution)
         return execution
 
     def _body_done(self, execution: Execution) -> None:
-        self._finishing.add(execution.run_id)
+        self._finishing.add(execution)
         self._wake.set()
 
     async def _execute(self, execution: Execution) -> None:
@@ -163,8 +167,10 @@ class Worker:
         except Exception as exc:  # a bug must not take the worker down
             self.report(exc, "executing a run", run_id=execution.run_id)
         finally:
-            self._active.pop(execution.run_id, None)
-            self._finishing.discard(execution.run_id)
+            self._running.discard(execution)
+            self._finishing.discard(execution)
+            if self._active.get(execution.run_id) is execution:
+                del self._active[execution.run_id]
             self._wake.set()
 
     async def process(self, limit: int) -> int:

@@ -9,7 +9,7 @@ the transient ones) and retry "database is locked" by themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import Protocol, TypeAlias
 
 Value: TypeAlias = int | float | str | bytes | None
 Row: TypeAlias = tuple[Value, ...]
@@ -38,13 +38,4 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; a later use opens them again."""
-        ...
-
-
-@runtime_checkable
-class BlockingDriver(Driver, Protocol):
-    """A driver that can also write from any non-loop thread without the event loop."""
-
-    def write_blocking(self, statements: Sequence[Statement]) -> list[list[Row]]:
-        """``write()``, blocking the calling thread (never call it on the event loop)."""
         ...

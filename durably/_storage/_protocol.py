@@ -9,7 +9,7 @@ whose run was cancelled) writes nothing and learns so from a ``False`` result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -44,9 +44,6 @@ class Telemetry(msgspec.Struct, kw_only=True):
 
     def __bool__(self) -> bool:
         return self.progress is not None or bool(self.logs)
-
-
-BlockingStepSaver = Callable[[Lease, StepRecord, Telemetry], bool]
 
 
 class RunFilter(msgspec.Struct, kw_only=True):
@@ -113,14 +110,6 @@ class Storage(Protocol):
 
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
         """Store a finished step (replacing a failed one of the same name) if the lease is held."""
-        ...
-
-    def blocking_step_saver(self) -> BlockingStepSaver | None:
-        """``save_step`` as a blocking function for a sync step's worker thread, or ``None``.
-
-        Adapters that can write without the event loop (the local file) offer it, so
-        a sync step stores its result on the thread that computed it: one hop fewer.
-        """
         ...
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:

@@ -20,7 +20,8 @@ INSERT_RUN = f"""
 INSERT INTO durably_runs
     (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at)
 VALUES (?, ?, 'pending', ?, ?, ?, ?, {NOW})
-ON CONFLICT DO NOTHING"""
+ON CONFLICT DO NOTHING
+RETURNING {RUN_COLUMNS}"""
 
 INSERT_LABELS = """
 INSERT INTO durably_labels (key, value, run_seq)
@@ -57,9 +58,14 @@ WHERE seq IN (
                                 AND o.status = 'pending' AND o.seq < r.seq)))
         ORDER BY seq LIMIT ?4)
     LIMIT ?4)
-RETURNING {RUN_COLUMNS}, lease_generation,
-    (SELECT json_group_array(json_array(s.name, s.idx, s.output)) FROM durably_steps AS s
-     WHERE s.run_id = durably_runs.id AND s.status = 'completed')"""
+RETURNING {RUN_COLUMNS}, lease_generation"""
+
+# The completed steps of the runs one claim just leased (its owner string is unique).
+# A subquery in RETURNING would be simpler, but SQLite cannot use an index there.
+CLAIMED_STEPS = """
+SELECT s.run_id, s.name, s.idx, s.output FROM durably_steps AS s
+WHERE s.status = 'completed'
+  AND s.run_id IN (SELECT id FROM durably_runs WHERE status = 'leased' AND lease_owner = ?)"""
 
 RENEW_LEASES = f"""
 UPDATE durably_runs SET lease_expires_at = {NOW} + ?1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -10,8 +11,8 @@ from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
-from durably._storage._driver import BlockingDriver, Driver, Row, Statement, Value
-from durably._storage._protocol import BlockingStepSaver, Lease, RunFilter, StepRecord, Telemetry
+from durably._storage._driver import Driver, Row, Statement, Value
+from durably._storage._protocol import Lease, RunFilter, StepRecord, Telemetry
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
@@ -52,17 +53,6 @@ def _run_from_row(row: Row, disposition: str | None = None) -> Run:
         started_at=to_datetime(_float(row[12])),
         completed_at=to_datetime(_float(row[13])),
         disposition=disposition,  # type: ignore[arg-type]
-    )
-
-
-def _claimed_from_row(row: Row) -> ClaimedRun:
-    steps: dict[str, tuple[int, bytes]] = {}
-    for name, index, output in _json(row[_RUN_WIDTH + 1]) or ():
-        steps[name] = (int(index), output.encode() if output is not None else b"null")
-    return ClaimedRun(
-        run=_run_from_row(row[:_RUN_WIDTH]),
-        lease_generation=_int(row[_RUN_WIDTH]),
-        steps=steps,
     )
 
 
@@ -120,7 +110,7 @@ class SqlStorage:
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
-        self._blocking_step_saver = self._make_blocking_step_saver()
+        self._claims = itertools.count(1)  # makes each claim's lease owner string unique
 
     @property
     def url(self) -> str:
@@ -150,41 +140,53 @@ class SqlStorage:
 
     async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
         statements: list[Statement] = []
+        positions: list[tuple[int, int | None]] = []  # per run: its INSERT, its idempotency SELECT
         for run in runs:
             labels = _codec.encode(run.labels).decode()
-            statements.append(
-                (
-                    q.INSERT_RUN,
-                    (
-                        run.id,
-                        run.job_name,
-                        run.input.decode(),
-                        labels,
-                        run.idempotency_key,
-                        run.concurrency_key,
-                    ),
-                )
+            insert = len(statements)
+            params = (
+                run.id,
+                run.job_name,
+                run.input.decode(),
+                labels,
+                run.idempotency_key,
+                run.concurrency_key,
             )
+            statements.append((q.INSERT_RUN, params))
             if run.labels:
                 statements.append((q.INSERT_LABELS, (labels, run.id)))
-        for run in runs:
-            if run.idempotency_key is None:
-                statements.append((q.SELECT_RUN_BY_ID, (run.id,)))
-            else:
+            existing = None
+            if run.idempotency_key is not None:
+                existing = len(statements)
                 statements.append((q.SELECT_RUN_BY_IDEMPOTENCY_KEY, (run.job_name, run.idempotency_key)))
+            positions.append((insert, existing))
         results = await self._driver.write(statements)
         created = []
-        for run, rows in zip(runs, results[-len(runs) :], strict=True):
-            stored = rows[0]
-            created.append(_run_from_row(stored, "created" if stored[0] == run.id else "idempotent"))
+        for insert, existing in positions:
+            if results[insert]:
+                created.append(_run_from_row(results[insert][0], "created"))
+            else:  # the idempotency key was taken: nothing was written for this one
+                assert existing is not None
+                created.append(_run_from_row(results[existing][0], "idempotent"))
         return created
 
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedRun]:
-        params = (worker_id, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
-        [rows] = await self._driver.write([(q.CLAIM_RUNS, params)])
-        claimed = [_claimed_from_row(row) for row in rows]
+        owner = f"{worker_id}#{next(self._claims)}"
+        params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        runs, steps = await self._driver.write([(q.CLAIM_RUNS, params), (q.CLAIMED_STEPS, (owner,))])
+        stored: dict[str, dict[str, tuple[int, bytes]]] = {}
+        for run_id, name, index, output in steps:
+            stored.setdefault(_text(run_id), {})[_text(name)] = (_int(index), _text(output).encode())
+        claimed = [
+            ClaimedRun(
+                run=_run_from_row(row[:_RUN_WIDTH]),
+                lease_generation=_int(row[_RUN_WIDTH]),
+                steps=stored.get(_text(row[0]), {}),
+            )
+            for row in runs
+        ]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
 
@@ -208,19 +210,6 @@ class SqlStorage:
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
         results = await self._driver.write(_save_step_statements(lease, step, telemetry))
         return _held(results[0])
-
-    def blocking_step_saver(self) -> BlockingStepSaver | None:
-        return self._blocking_step_saver
-
-    def _make_blocking_step_saver(self) -> BlockingStepSaver | None:
-        driver = self._driver
-        if not isinstance(driver, BlockingDriver):
-            return None
-
-        def save(lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
-            return _held(driver.write_blocking(_save_step_statements(lease, step, telemetry))[0])
-
-        return save
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
         progress: Statement = (

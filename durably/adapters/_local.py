@@ -1,9 +1,14 @@
-"""The local-file driver: stdlib ``sqlite3`` on one dedicated thread, with group commit.
+"""The local-file driver: stdlib ``sqlite3``, on the loop when it cannot wait, else on a thread.
 
-A thread hop costs several times a SQLite statement, so the thread takes every
-operation waiting in its queue at once and runs them in one ``BEGIN IMMEDIATE``
-transaction (each inside its own savepoint, so one failing operation does not
-undo the others), then answers them all with a single wake-up of the loop.
+A thread hop (~100 µs here) costs several times a statement in WAL mode (~20 µs),
+so an operation first runs on the event loop's own connection, which is set up
+never to wait: ``busy_timeout = 0`` (another writer's lock makes it give up at
+once, having changed nothing) and no automatic checkpoints (the only step that
+fsyncs under ``synchronous = NORMAL``). Whatever would wait goes to the database
+thread, which has a busy timeout, runs checkpoints, and takes every operation
+queued at once in one ``BEGIN IMMEDIATE`` transaction (each in its own savepoint,
+so one failing operation does not undo the others), answering them all with a
+single wake-up of the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +29,61 @@ from durably.errors import StorageError
 
 _MAX_GROUP = 128
 _BUSY_TIMEOUT_MS = 10_000
+_CHECKPOINT_EVERY = 500  # writes on the loop's connection between background checkpoints
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _run(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
+    return [conn.execute(sql, params).fetchall() for sql, params in statements]
+
+
+def _run_atomically(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
+    if len(statements) == 1:
+        return _run(conn, statements)  # a writing statement takes the lock before it reads
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = _run(conn, statements)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return rows
+
+
+class _NoWaitConnection:
+    """The event loop's own connection: runs an operation only if it needs no waiting."""
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # Switching to WAL may wait for other connections: the database thread does it.
+            self._conn.close()
+            raise sqlite3.OperationalError("database is locked (not in WAL mode yet)")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the database thread checkpoints
+        self.thread = threading.get_ident()
+        self.writes = 0
+
+    def run(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]] | None:
+        """The rows, or ``None`` if another connection holds a lock (nothing was changed)."""
+        try:
+            rows = _run_atomically(self._conn, statements) if write else _run(self._conn, statements)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None
+            raise
+        self.writes += write
+        return rows
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class _Job(NamedTuple):
@@ -42,10 +102,11 @@ class LocalFileDriver:
         # Operations submitted during one pass of an event loop, handed over together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
-        # The connection is shared by the database thread and, for write_blocking(),
-        # by step threads; the lock serialises them (sqlite3 releases the GIL meanwhile).
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the thread's connection: opened, used, closed
         self._conn: sqlite3.Connection | None = None
+        # :memory: is private to one connection, so it lives on the thread's only.
+        self._no_wait: _NoWaitConnection | None = None
+        self._no_wait_possible = path != ":memory:"
 
     @property
     def url(self) -> str:
@@ -58,9 +119,46 @@ class LocalFileDriver:
         return await self._submit(statements, write=True)
 
     async def _submit(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
+        if self._no_wait_possible:
+            rows = self._without_waiting(statements, write=write)
+            if rows is not None:
+                # Still a point where other tasks run and cancellation arrives, as on a thread.
+                await asyncio.sleep(0)
+                return rows
+        return await self._on_thread(statements, write=write)
+
+    def _without_waiting(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]] | None:
+        try:
+            if self._no_wait is None:
+                self._no_wait = _NoWaitConnection(self._path)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc) or "locked" in str(exc):
+                return None
+            raise self._error(exc) from exc
+        try:
+            if self._no_wait.thread != threading.get_ident():
+                return None  # a second event loop in another thread: use the database thread
+            rows = self._no_wait.run(statements, write=write)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        if write and self._no_wait.writes >= _CHECKPOINT_EVERY:
+            self._no_wait.writes = 0
+            self._checkpoint_in_background()
+        return rows
+
+    def _checkpoint_in_background(self) -> None:
+        self._start_thread()
+        loop = asyncio.get_running_loop()
+        job = _Job((("PRAGMA wal_checkpoint(PASSIVE)", ()),), False, loop.create_future(), loop)
+        self._queue.put([job])
+
+    def _start_thread(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
             self._thread.start()
+
+    async def _on_thread(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
+        self._start_thread()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[list[Row]]] = loop.create_future()
         pending = self._pending.get(loop)
@@ -76,34 +174,15 @@ class LocalFileDriver:
         self._queue.put(self._pending.pop(loop))
 
     async def close(self) -> None:
-        """Stop the thread and close the connection; a later use opens them again."""
+        """Stop the thread and close the connections; a later use opens them again."""
+        no_wait, self._no_wait = self._no_wait, None
+        if no_wait is not None:
+            no_wait.close()
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
-
-    def write_blocking(self, statements: Sequence[Statement]) -> list[list[Row]]:
-        """``write()`` for a thread that is not the event loop's: no hop to the loop at all.
-
-        A sync step's thread stores the step's result this way right after computing it.
-        """
-        try:
-            with self._lock:
-                conn = self._connection()
-                if len(statements) == 1:
-                    return self._run(conn, statements)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    rows = self._run(conn, statements)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                return rows
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
 
     # --- on the database thread -------------------------------------------------
 
@@ -151,16 +230,13 @@ class LocalFileDriver:
                 self._conn = None
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Answer]:
-        if len(jobs) == 1 and (not jobs[0].write or len(jobs[0].statements) == 1):
-            # A read needs no transaction; one write statement is a transaction of its own
-            # (a writing statement takes the write lock before it reads).
-            return [(jobs[0].future, self._run(conn, jobs[0].statements))]
+        if len(jobs) == 1:
+            job = jobs[0]
+            run = _run_atomically if job.write else _run
+            return [(job.future, run(conn, job.statements))]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if len(jobs) == 1:
-                answers: list[Answer] = [(jobs[0].future, self._run(conn, jobs[0].statements))]
-            else:
-                answers = [(job.future, self._run_isolated(conn, job.statements)) for job in jobs]
+            answers = [(job.future, self._run_isolated(conn, job.statements)) for job in jobs]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -172,16 +248,12 @@ class LocalFileDriver:
         """One operation of a group: its failure undoes only its own statements."""
         conn.execute("SAVEPOINT durably_op")
         try:
-            answer: Any = self._run(conn, statements)
+            answer: Any = _run(conn, statements)
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK TO durably_op")
             answer = self._error(exc)
         conn.execute("RELEASE durably_op")
         return answer
-
-    @staticmethod
-    def _run(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
-        return [conn.execute(sql, params).fetchall() for sql, params in statements]
 
     def _error(self, exc: Exception) -> StorageError:
         message = str(exc)
