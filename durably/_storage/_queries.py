@@ -60,12 +60,11 @@ WHERE seq IN (
     LIMIT ?4)
 RETURNING {RUN_COLUMNS}, lease_generation"""
 
-# The completed steps of the runs one claim just leased (its owner string is unique).
-# A subquery in RETURNING would be simpler, but SQLite cannot use an index there.
-CLAIMED_STEPS = """
-SELECT s.run_id, s.name, s.idx, s.output FROM durably_steps AS s
-WHERE s.status = 'completed'
-  AND s.run_id IN (SELECT id FROM durably_runs WHERE status = 'leased' AND lease_owner = ?)"""
+# The completed steps of resumed runs, given as a JSON array of ids. (A subquery in the
+# claim's RETURNING would save a statement, but SQLite cannot use an index there.)
+COMPLETED_STEPS = """
+SELECT run_id, name, idx, output FROM durably_steps
+WHERE status = 'completed' AND run_id IN (SELECT value FROM json_each(?))"""
 
 RENEW_LEASES = f"""
 UPDATE durably_runs SET lease_expires_at = {NOW} + ?1

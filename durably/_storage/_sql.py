@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -110,7 +109,6 @@ class SqlStorage:
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
-        self._claims = itertools.count(1)  # makes each claim's lease owner string unique
 
     @property
     def url(self) -> str:
@@ -173,12 +171,17 @@ class SqlStorage:
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedRun]:
-        owner = f"{worker_id}#{next(self._claims)}"
-        params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
-        runs, steps = await self._driver.write([(q.CLAIM_RUNS, params), (q.CLAIMED_STEPS, (owner,))])
+        params = (worker_id, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        [runs] = await self._driver.write([(q.CLAIM_RUNS, params)])
+        # Only a run claimed before (generation > 1) can have stored steps. They are read
+        # from the primary (a replica may not have synced them yet), and after the claim:
+        # no one else can write steps for a run whose lease this worker now holds.
+        resumed = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
         stored: dict[str, dict[str, tuple[int, bytes]]] = {}
-        for run_id, name, index, output in steps:
-            stored.setdefault(_text(run_id), {})[_text(name)] = (_int(index), _text(output).encode())
+        if resumed:
+            [steps] = await self._driver.write([(q.COMPLETED_STEPS, (_codec.encode(resumed).decode(),))])
+            for run_id, name, index, output in steps:
+                stored.setdefault(_text(run_id), {})[_text(name)] = (_int(index), _text(output).encode())
         claimed = [
             ClaimedRun(
                 run=_run_from_row(row[:_RUN_WIDTH]),
