@@ -115,7 +115,8 @@ def print_table(
     jobs_floor = floor_figures["jobs_per_s"]
     print("| figure | local file | remote (sqld) | embedded replica | local / floor |")
     print("| --- | --- | --- | --- | --- |")
-    for name, by_kind in rows.items():
+    # Throughputs first, then latency (rows were filled in measuring order).
+    for name, by_kind in sorted(rows.items(), key=lambda item: ("ms" in item[0], "trigger" in item[0])):
         cells = [_fmt(by_kind.get(kind, float("nan"))) for kind in ("local", "remote", "replica")]
         throughput = "runs/s" in name
         ratio = f"{by_kind['local'] / jobs_floor:.1%}" if throughput and "W3" in name else ""
