@@ -37,13 +37,8 @@ def instance(args: argparse.Namespace) -> Durably:
     return create_durably(storage, polling_interval=0.001, max_concurrent_runs=args.conc).register(job=job)
 
 
-async def drain(durably: Durably, n: int) -> dict[str, float]:
-    """Trigger ``n`` runs one by one (worker stopped), then time one worker draining them."""
-    await durably.migrate()
-    started = time.perf_counter()
-    for i in range(n):
-        await durably.jobs.job.trigger({"i": i})
-    trigger_seconds = time.perf_counter() - started
+def completions(durably: Durably, n: int) -> anyio.Event:
+    """An event set when ``n`` runs have completed in this process (as the Node bench times)."""
     done = anyio.Event()
     completed = 0
 
@@ -54,6 +49,17 @@ async def drain(durably: Durably, n: int) -> dict[str, float]:
             done.set()
 
     durably.on("run:complete", on_complete)
+    return done
+
+
+async def drain(durably: Durably, n: int) -> dict[str, float]:
+    """Trigger ``n`` runs one by one (worker stopped), then time one worker draining them."""
+    await durably.migrate()
+    started = time.perf_counter()
+    for i in range(n):
+        await durably.jobs.job.trigger({"i": i})
+    trigger_seconds = time.perf_counter() - started
+    done = completions(durably, n)
     started = time.perf_counter()
     durably.start()
     await done.wait()

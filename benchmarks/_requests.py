@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import anyio
-
-from benchmarks._one import make_job
+from benchmarks._one import completions, make_job
 from durably import create_durably
 from tests.support.proxy import TcpProxy
 from tests.support.sqld import SqldServer
@@ -20,16 +17,7 @@ async def _per_run(url: str, proxy: TcpProxy, steps: int, n: int) -> tuple[float
     for i in range(n):
         await durably.jobs.job.trigger({"i": i})
     per_trigger = proxy.http_requests / n
-    done = anyio.Event()
-    completed = 0
-
-    def on_complete(_: Any) -> None:
-        nonlocal completed
-        completed += 1
-        if completed == n:
-            done.set()
-
-    durably.on("run:complete", on_complete)
+    done = completions(durably, n)
     proxy.reset_counters()
     durably.start()
     await done.wait()

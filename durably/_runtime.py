@@ -366,7 +366,12 @@ class Execution:
         started = time.perf_counter()
         token = _current_step.set(name)
         try:
-            output, held = await self._compute_and_store(name, index, fn, args, kwargs, started_at)
+            output = _encode_result(name, await _call(fn, args, kwargs))
+            telemetry = self._take_telemetry()
+            record = StepRecord(
+                name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
+            )
+            held = await self._store(lambda: self._storage.save_step(self.lease, record, telemetry))
         except Exception as exc:
             await self._step_failed(name, index, exc, started_at)
             raise
@@ -386,23 +391,6 @@ class Execution:
                 duration=time.perf_counter() - started,
             )
         return result
-
-    async def _compute_and_store(
-        self,
-        name: str,
-        index: int,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        started_at: float,
-    ) -> tuple[bytes, bool]:
-        """Run the step, store its JSON result; (the JSON, whether the lease was held)."""
-        output = _encode_result(name, await _call(fn, args, kwargs))
-        telemetry = self._take_telemetry()
-        record = StepRecord(
-            name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
-        )
-        return output, await self._store(lambda: self._storage.save_step(self.lease, record, telemetry))
 
     async def _step_failed(self, name: str, index: int, exc: Exception, started_at: float) -> None:
         self._step_errors.append((exc, name))
