@@ -10,7 +10,7 @@ from __future__ import annotations
 from durably._engine import Durably, create_durably
 from durably._job import JobDefinition, JobHandle, define_job
 from durably._models import LogEntry, Progress, Run, RunResult, Step
-from durably._runtime import StepContext
+from durably._steps import StepContext
 from durably._storage._protocol import Storage
 from durably.adapters import open_storage
 from durably.errors import (

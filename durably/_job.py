@@ -12,7 +12,7 @@ from durably.errors import ConfigurationError
 if TYPE_CHECKING:
     from durably._engine import Durably
     from durably._models import LogEntry
-    from durably._runtime import StepContext
+    from durably._steps import StepContext
 
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")

@@ -1,23 +1,21 @@
-"""Executes one leased run: ``StepContext``, fenced writes, telemetry, cancellation."""
+"""Executes one leased run: checkpoints, fenced writes, telemetry, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
-from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import structlog
 
-from durably import _clock, _codec, _threads
+from durably import _clock, _codec
 from durably._events import (
     EventBus,
     LogWriteEvent,
@@ -32,6 +30,7 @@ from durably._events import (
     WorkerErrorEvent,
 )
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
+from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
 from durably.errors import StorageError, ValidationError
 
@@ -53,55 +52,6 @@ Finished = Callable[[str, str, bytes | None, str | None], None]
 def describe(exc: BaseException) -> str:
     """How an exception is stored on a run: ``"ExcType: message"``."""
     return f"{type(exc).__name__}: {exc}"
-
-
-class StepLog:
-    """``step.log``: messages stored with the run, emitted as ``log:write``, sent to structlog."""
-
-    def __init__(self, execution: Execution) -> None:
-        self._execution = execution
-
-    def info(self, message: str, **data: Any) -> None:
-        self._execution.log("info", message, data)
-
-    def warn(self, message: str, **data: Any) -> None:
-        self._execution.log("warn", message, data)
-
-    def error(self, message: str, **data: Any) -> None:
-        self._execution.log("error", message, data)
-
-
-class StepContext:
-    """What a job receives as ``step``: checkpointed steps, progress and logs of one run."""
-
-    def __init__(self, execution: Execution) -> None:
-        self._execution = execution
-        self.run_id = execution.run_id
-        self.job_name = execution.job_name
-        self.log = StepLog(execution)
-
-    @overload
-    async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: None = None, **kwargs: Any
-    ) -> Any: ...
-
-    @overload
-    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
-
-    async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
-    ) -> Any:
-        """Run ``fn(*args, **kwargs)`` once and store its result under ``name``.
-
-        On resume the stored result is returned without calling ``fn``. Either
-        way the value is the result as decoded from its stored JSON (converted to
-        ``type`` when given). Sync functions run in a worker thread.
-        """
-        return await self._execution.step(name, fn, args, kwargs, type)
-
-    def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
-        """Report progress: emitted at once, stored within a second (the last value always lands)."""
-        self._execution.progress(current, total, message)
 
 
 class Execution:
@@ -366,7 +316,7 @@ class Execution:
         started = time.perf_counter()
         token = _current_step.set(name)
         try:
-            output = _encode_result(name, await _call(fn, args, kwargs))
+            output = encode_result(name, await call_step_function(fn, args, kwargs))
             telemetry = self._take_telemetry()
             record = StepRecord(
                 name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
@@ -425,7 +375,7 @@ class Execution:
     # Sync steps run on other threads; progress and logs are handed to the loop's thread.
 
     def progress(self, current: float, total: float | None, message: str | None) -> None:
-        self._on_loop(self._record_progress, _progress(current, total, message))
+        self._on_loop(self._record_progress, checked_progress(current, total, message))
 
     def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
         step_name = _current_step.get()
@@ -509,29 +459,3 @@ class Execution:
             if not held:
                 self.stop(await self.why_lease_gone())
                 return
-
-
-def _encode_result(name: str, value: Any) -> bytes:
-    try:
-        return _codec.encode(value)
-    except TypeError as exc:
-        raise TypeError(f"step {name!r} returned a value that cannot be stored as JSON: {exc}") from exc
-
-
-def _progress(current: float, total: float | None, message: str | None) -> Progress:
-    for name, value in (("current", current), ("total", total)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"step.progress(): {name} must be a number, got {value!r}")
-    if message is not None and not isinstance(message, str):
-        raise TypeError(f"step.progress(): message must be a string, got {message!r}")
-    # Floats, as they come back from the database, so local and stored values compare equal.
-    return Progress(float(current), None if total is None else float(total), message)
-
-
-async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args, **kwargs)
-    value = await _threads.run_sync(partial(fn, *args, **kwargs))
-    if inspect.isawaitable(value):
-        value = await value
-    return value

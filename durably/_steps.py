@@ -1,0 +1,106 @@
+"""What a job sees of its run: ``StepContext`` (``step``) and ``step.log``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol, TypeVar, overload
+
+from durably import _codec, _threads
+from durably._models import LogLevel, Progress
+
+T = TypeVar("T")
+
+
+class _Run(Protocol):
+    """The execution a context belongs to (``durably._runtime.Execution``)."""
+
+    run_id: str
+    job_name: str
+
+    async def step(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], type_: Any
+    ) -> Any: ...
+
+    def progress(self, current: float, total: float | None, message: str | None) -> None: ...
+
+    def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None: ...
+
+
+class StepLog:
+    """``step.log``: messages stored with the run, emitted as ``log:write``, sent to structlog."""
+
+    def __init__(self, execution: _Run) -> None:
+        self._execution = execution
+
+    def info(self, message: str, **data: Any) -> None:
+        self._execution.log("info", message, data)
+
+    def warn(self, message: str, **data: Any) -> None:
+        self._execution.log("warn", message, data)
+
+    def error(self, message: str, **data: Any) -> None:
+        self._execution.log("error", message, data)
+
+
+class StepContext:
+    """What a job receives as ``step``: checkpointed steps, progress and logs of one run."""
+
+    def __init__(self, execution: _Run) -> None:
+        self._execution = execution
+        self.run_id = execution.run_id
+        self.job_name = execution.job_name
+        self.log = StepLog(execution)
+
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: None = None, **kwargs: Any
+    ) -> Any: ...
+
+    @overload
+    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` once and store its result under ``name``.
+
+        On resume the stored result is returned without calling ``fn``. Either
+        way the value is the result as decoded from its stored JSON (converted to
+        ``type`` when given). Sync functions run in a worker thread.
+        """
+        return await self._execution.step(name, fn, args, kwargs, type)
+
+    def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress: emitted at once, stored within a second (the last value always lands)."""
+        self._execution.progress(current, total, message)
+
+
+def encode_result(name: str, value: Any) -> bytes:
+    """A step result as JSON; a ``TypeError`` naming the step when JSON cannot hold it."""
+    try:
+        return _codec.encode(value)
+    except TypeError as exc:
+        raise TypeError(f"step {name!r} returned a value that cannot be stored as JSON: {exc}") from exc
+
+
+def checked_progress(current: float, total: float | None, message: str | None) -> Progress:
+    """The arguments of ``step.progress()``, checked."""
+    for name, value in (("current", current), ("total", total)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"step.progress(): {name} must be a number, got {value!r}")
+    if message is not None and not isinstance(message, str):
+        raise TypeError(f"step.progress(): message must be a string, got {message!r}")
+    # Floats, as they come back from the database, so local and stored values compare equal.
+    return Progress(float(current), None if total is None else float(total), message)
+
+
+async def call_step_function(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Await an async step function; run a sync one on a worker thread."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    value = await _threads.run_sync(partial(fn, *args, **kwargs))
+    if inspect.isawaitable(value):
+        value = await value
+    return value
