@@ -102,8 +102,6 @@ class LocalFileDriver:
         # Operations submitted during one pass of an event loop, handed over together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # the thread's connection: opened, used, closed
-        self._conn: sqlite3.Connection | None = None
         # :memory: is private to one connection, so it lives on the thread's only.
         self._no_wait: _NoWaitConnection | None = None
         self._no_wait_possible = path != ":memory:"
@@ -186,11 +184,6 @@ class LocalFileDriver:
 
     # --- on the database thread -------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = self._connect()
-        return self._conn
-
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self._path, isolation_level=None, check_same_thread=False, cached_statements=256
@@ -202,6 +195,7 @@ class LocalFileDriver:
         return conn
 
     def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
         running = True
         while running:
             first = self._queue.get()
@@ -218,16 +212,15 @@ class LocalFileDriver:
                     break
                 jobs.extend(more)
             try:
-                with self._lock:
-                    answers = self._run_group(self._connection(), jobs)
+                if conn is None:
+                    conn = self._connect()
+                answers = self._run_group(conn, jobs)
             except Exception as exc:  # answer every waiter, whatever went wrong
                 error = self._error(exc)
                 answers = [(job.future, error) for job in jobs]
             self._answer(jobs, answers)
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        if conn is not None:
+            conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Answer]:
         if len(jobs) == 1:
