@@ -71,7 +71,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer runs and one trial")
-    parser.add_argument("--trials", type=int, default=3, help="median of this many trials (local)")
+    parser.add_argument("--trials", type=int, default=5, help="median of this many trials (local)")
     options = parser.parse_args()
     trials = 1 if options.quick else options.trials
     n_local = 300 if options.quick else 1000
