@@ -74,6 +74,12 @@ def _as_tuple(
     return values
 
 
+def _concurrency(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"max_concurrent_runs must be an int >= 1, got {value!r}")
+    return value
+
+
 def _check_labels(labels: Any) -> dict[str, str]:
     if labels is None:
         return {}
@@ -121,13 +127,7 @@ class Durably:
                 f"heartbeat_interval ({heartbeat_interval}) must be shorter than stale_threshold"
                 f" ({stale_threshold}), or leases expire between renewals"
             )
-        if (
-            isinstance(max_concurrent_runs, bool)
-            or not isinstance(max_concurrent_runs, int)
-            or max_concurrent_runs < 1
-        ):
-            raise ConfigurationError(f"max_concurrent_runs must be an int >= 1, got {max_concurrent_runs!r}")
-        self._max_concurrent_runs = max_concurrent_runs
+        self._max_concurrent_runs = _concurrency(max_concurrent_runs)
         self.jobs = Jobs()
         self._definitions: dict[str, JobDefinition[Any, Any]] = {}
         self._bus = EventBus()
@@ -140,6 +140,17 @@ class Durably:
 
     def __repr__(self) -> str:
         return f"Durably(storage={self.storage.url!r}, jobs={sorted(self._definitions)})"
+
+    @property
+    def max_concurrent_runs(self) -> int:
+        """Runs this instance's worker executes at once; may be changed, even while it runs."""
+        return self._max_concurrent_runs
+
+    @max_concurrent_runs.setter
+    def max_concurrent_runs(self, value: int) -> None:
+        self._max_concurrent_runs = _concurrency(value)
+        if self._worker is not None:
+            self._worker.max_concurrent_runs = self._max_concurrent_runs
 
     # --- registry -------------------------------------------------------------------
 

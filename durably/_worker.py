@@ -62,7 +62,7 @@ class Worker:
         self._polling_interval = polling_interval
         self._heartbeat_interval = heartbeat_interval
         self._stale_threshold = stale_threshold
-        self._max_concurrent = max_concurrent_runs
+        self.max_concurrent_runs = max_concurrent_runs
         self._on_finished = on_finished
         # Every execution in flight, and the newest per run: a retried run can be claimed
         # again while its cancelled execution is still unwinding.
@@ -113,7 +113,7 @@ class Worker:
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     self._wake = anyio.Event()
-                    free = self._max_concurrent - len(self._running) + len(self._finishing)
+                    free = self.max_concurrent_runs - len(self._running) + len(self._finishing)
                     if free > 0:
                         try:
                             claimed = await self.claim(free)

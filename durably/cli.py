@@ -153,15 +153,9 @@ def _say(text: str) -> None:
 
 
 def _with_concurrency(app: Durably, concurrency: int | None) -> Durably:
-    """``app`` executing ``concurrency`` runs at once.
-
-    Durably has no public setter, and rebuilding the instance would drop the app's
-    schedules and event handlers; the worker reads the limit when it is created.
-    """
+    """``app`` executing ``concurrency`` runs at once (the app keeps its schedules and handlers)."""
     if concurrency is not None:
-        if app._worker is not None:
-            raise UsageError("--concurrency: the app's worker was already created at import time")
-        app._max_concurrent_runs = concurrency
+        app.max_concurrent_runs = concurrency
     return app
 
 
@@ -172,7 +166,7 @@ async def _worker(args: argparse.Namespace) -> int:
             _say(
                 f"worker {app.worker_id} started on {app.storage.url}"
                 f" (jobs: {', '.join(sorted(app.jobs)) or 'none'};"
-                f" concurrency {app._max_concurrent_runs}); stop with Ctrl-C"
+                f" concurrency {app.max_concurrent_runs}); stop with Ctrl-C"
             )
             async for signum in signals:
                 _say(f"{signal.Signals(signum).name} received; stopping after the runs in flight")

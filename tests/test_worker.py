@@ -10,7 +10,7 @@ import anyio
 import pytest
 from anyio import to_thread
 
-from durably import Durably, StepContext, create_durably, define_job
+from durably import ConfigurationError, Durably, StepContext, create_durably, define_job
 from durably._storage._protocol import Lease, Storage, Telemetry
 
 pytestmark = pytest.mark.anyio
@@ -93,6 +93,18 @@ async def test_max_concurrent_runs_bounds_and_reaches_the_runs_executing_at_once
                 done = await durably.wait_for_run(run.id)
                 assert done.status == "completed", done.error
     assert peak == 3
+
+    # The limit can change while the worker runs (the CLI's --concurrency uses this).
+    peak = 0
+    durably.max_concurrent_runs = 2
+    more = [await durably.jobs.job.trigger({"i": i}) for i in range(6)]
+    async with durably:
+        with anyio.fail_after(10):
+            for run in more:
+                assert (await durably.wait_for_run(run.id)).status == "completed"
+    assert peak == 2
+    with pytest.raises(ConfigurationError, match="max_concurrent_runs"):
+        durably.max_concurrent_runs = 0
 
 
 async def test_a_worker_claims_only_runs_of_its_registered_jobs(make_durably: Callable[..., Durably]) -> None:
