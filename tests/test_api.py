@@ -24,7 +24,7 @@ from durably import (
     define_job,
     open_storage,
 )
-from durably.adapters import LocalFileStorage
+from durably.adapters import EmbeddedReplicaStorage, LocalFileStorage, RemoteStorage
 
 pytestmark = pytest.mark.anyio
 
@@ -311,15 +311,6 @@ def test_a_bad_url_given_to_create_durably_raises_too() -> None:
         create_durably("ftp://x")
 
 
-def _adapter_class(name: str) -> type[Any]:
-    import durably.adapters
-
-    try:
-        return getattr(durably.adapters, name)  # type: ignore[no-any-return]
-    except ImportError as exc:  # the adapter has not landed yet
-        pytest.skip(f"durably.adapters.{name} is not importable yet: {exc}")
-
-
 @pytest.mark.parametrize(
     "url",
     [
@@ -331,10 +322,9 @@ def _adapter_class(name: str) -> type[Any]:
     ],
 )
 async def test_remote_urls_pick_the_remote_adapter(url: str) -> None:
-    remote = _adapter_class("RemoteStorage")
     store = open_storage(url, auth_token="secret-token")  # no connection is opened here
     try:
-        assert isinstance(store, remote)
+        assert isinstance(store, RemoteStorage)
         assert isinstance(store, Storage)
         assert "secret-token" not in store.url
     finally:
@@ -342,7 +332,6 @@ async def test_remote_urls_pick_the_remote_adapter(url: str) -> None:
 
 
 async def test_file_url_with_sync_url_picks_the_embedded_replica(tmp_path: Path) -> None:
-    replica = _adapter_class("EmbeddedReplicaStorage")
     store = open_storage(
         f"file:{tmp_path / 'replica.db'}",
         sync_url="libsql://db-example.turso.io",
@@ -350,7 +339,7 @@ async def test_file_url_with_sync_url_picks_the_embedded_replica(tmp_path: Path)
         sync_interval=2.0,
     )  # no connection is opened here
     try:
-        assert isinstance(store, replica)
+        assert isinstance(store, EmbeddedReplicaStorage)
         assert isinstance(store, Storage)
         assert "secret-token" not in store.url
     finally:
