@@ -72,20 +72,19 @@ async def work(args: argparse.Namespace) -> None:
     durably.on("worker:error", lambda event: append_line(log, f"error {event.run_id} {args.name}"))
     skew = now() - time.time()
     append_line(log, f"ready {args.name} {round(skew)} {os.getpid()}")
-    go = AsyncPath(args.go_file)
-    with anyio.fail_after(60):
-        while True:
-            if await go.exists():
-                break
-            await anyio.sleep(0.02)
+    await wait_for_file(args.go_file, timeout=60)
     async with durably:
         append_line(log, f"polling {args.name}")
-        stop = AsyncPath(args.stop_file)
-        with anyio.fail_after(120):
-            while True:
-                if await stop.exists():
-                    break
-                await anyio.sleep(0.05)
+        await wait_for_file(args.stop_file, timeout=120)
+
+
+async def wait_for_file(path: str, *, timeout: float) -> None:
+    """Until the test process creates ``path`` (bounded, like every wait here)."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await AsyncPath(path).exists():
+                return
+            await anyio.sleep(0.02)
 
 
 def main() -> None:
