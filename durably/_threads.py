@@ -24,8 +24,8 @@ _Work = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
 _queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
 _lock = threading.Lock()
 _threads = 0
-_idle = 0
-
+_parked = 0  # threads waiting on the queue
+_unclaimed = 0  # work put on the queue and not taken yet
 
 Answer = tuple[asyncio.Future[Any], Any]
 
@@ -47,13 +47,14 @@ def answer(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None:
 
 
 def _serve() -> None:
-    global _idle
+    global _parked, _unclaimed
     while True:
         with _lock:
-            _idle += 1
+            _parked += 1
         fn, future, loop = _queue.get()
         with _lock:
-            _idle -= 1
+            _parked -= 1
+            _unclaimed -= 1
         try:
             value = fn()
         except BaseException as exc:  # delivered to the awaiting task, never lost here
@@ -62,13 +63,17 @@ def _serve() -> None:
         del fn, future, value
 
 
-def _ensure_thread() -> None:
-    global _threads
+def _put(work: _Work) -> None:
+    """Queue ``work``; start a thread only if every parked one is already spoken for."""
+    global _threads, _unclaimed
     with _lock:
-        if _idle > _queue.qsize() or _threads >= _MAX_THREADS:
-            return
-        _threads += 1
-    threading.Thread(target=_serve, name=f"durably-step-{_threads}", daemon=True).start()
+        _unclaimed += 1
+        start = _parked < _unclaimed and _threads < _MAX_THREADS
+        if start:
+            _threads += 1
+    _queue.put(work)
+    if start:
+        threading.Thread(target=_serve, name=f"durably-step-{_threads}", daemon=True).start()
 
 
 async def run_sync(fn: Callable[[], Any]) -> Any:
@@ -76,6 +81,5 @@ async def run_sync(fn: Callable[[], Any]) -> Any:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     # The step's context (current step name, structlog context) goes along to the thread.
-    _queue.put((partial(contextvars.copy_context().run, fn), future, loop))
-    _ensure_thread()
+    _put((partial(contextvars.copy_context().run, fn), future, loop))
     return await future

@@ -10,7 +10,7 @@ import msgspec
 
 from durably import _codec
 from durably._events import EventBus, LogWriteEvent, RunProgressEvent
-from durably._models import TERMINAL_STATUSES, LogEntry, Progress, Run
+from durably._models import LogEntry, Progress, Run
 from durably._storage._protocol import Storage
 from durably.errors import ConfigurationError, NotFoundError
 
@@ -76,7 +76,7 @@ class Waiters:
         while waiter.outcome is None:
             if current is None:
                 raise NotFoundError(f"run {run.id} was deleted while being waited for")
-            if current.status in TERMINAL_STATUSES:
+            if current.is_terminal:
                 return Outcome(current.status, _codec.encode(current.output), current.error)
             with anyio.move_on_after(self._poll):
                 await waiter.event.wait()

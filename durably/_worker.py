@@ -96,10 +96,6 @@ class Worker:
         for execution in list(self._running):
             execution.stop("shutdown")
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._running)
-
     # --- the loop -----------------------------------------------------------------
 
     async def serve(self) -> None:
