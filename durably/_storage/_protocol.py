@@ -54,6 +54,17 @@ class RunFilter(msgspec.Struct, kw_only=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     limit: int = 50
     offset: int = 0
+    #: Keyset pagination: only runs older than the run with this id (the last one of
+    #: the previous page). If that run was deleted meanwhile, runs older than the
+    #: next newer run still there.
+    before_id: str | None = None
+
+
+class RunChanges(msgspec.Struct, frozen=True):
+    """What ``get_run_changes`` found: changed runs, oldest change first, and where to go on."""
+
+    runs: list[Run]
+    cursor: int
 
 
 @runtime_checkable
@@ -130,6 +141,19 @@ class Storage(Protocol):
 
     async def get_runs(self, run_filter: RunFilter) -> list[Run]:
         """Runs matching ``run_filter``, newest first."""
+        ...
+
+    async def get_run_changes(self, cursor: int | None, *, limit: int) -> RunChanges:
+        """Runs whose row, steps or logs changed after ``cursor``; one indexed read.
+
+        Every change to a run's status, progress, attempt, output or error, and every
+        step or log line stored for it, moves the run past all cursors handed out
+        before, so polling with the returned ``cursor`` sees each later change once
+        (a run changed twice between polls comes once, as it is now). At most
+        ``limit`` runs come back; when ``limit`` came, call again at once. ``None``
+        returns no runs and the current cursor: the place to start watching from.
+        Deleted runs are not reported.
+        """
         ...
 
     async def get_steps(self, run_id: str) -> list[Step]:

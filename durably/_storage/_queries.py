@@ -147,6 +147,19 @@ SELECT_LOGS = """
 SELECT step_name, level, message, data, created_at
 FROM durably_logs WHERE run_id = ? ORDER BY seq"""
 
+# The change feed of dashboards: durably_runs_change makes both an index seek.
+RUN_CHANGES = f"""
+SELECT {RUN_COLUMNS}, change_seq FROM durably_runs
+WHERE change_seq > ? ORDER BY change_seq LIMIT ?"""
+LATEST_CHANGE = "SELECT COALESCE(MAX(change_seq), 0) FROM durably_runs"
+
+# Keyset pagination of get_runs: older than the cursor run, or if it was deleted, older
+# than the next newer run still there. Takes the cursor id twice.
+BEFORE_RUN = """seq < COALESCE(
+    (SELECT seq FROM durably_runs WHERE id = ?),
+    (SELECT MIN(seq) FROM durably_runs WHERE id > ?),
+    (SELECT MAX(seq) + 1 FROM durably_runs))"""
+
 RUN_EXISTS = "SELECT 1 FROM durably_runs WHERE id = ?"
 
 SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM durably_schema_versions"

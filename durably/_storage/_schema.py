@@ -64,6 +64,32 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS durably_labels_run ON durably_labels (run_seq)",
     ),
+    # 2: change_seq, a database-wide counter bumped on every visible change of a run (its
+    # row, a step, a log line), so a dashboard finds what changed with one indexed read.
+    # Triggers keep it current without touching the statements that make the changes;
+    # writers are serialised, so MAX + 1 never repeats and never goes back.
+    (
+        "ALTER TABLE durably_runs ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0",
+        "UPDATE durably_runs SET change_seq = seq",
+        "CREATE INDEX IF NOT EXISTS durably_runs_change ON durably_runs (change_seq)",
+        *(
+            f"""CREATE TRIGGER IF NOT EXISTS durably_{name} AFTER {event} BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE {target};
+        END"""
+            for name, event, target in (
+                ("runs_inserted", "INSERT ON durably_runs", "seq = NEW.seq"),
+                (
+                    "runs_updated",
+                    "UPDATE OF status, progress, attempt, output, error ON durably_runs",
+                    "seq = NEW.seq",
+                ),
+                ("steps_inserted", "INSERT ON durably_steps", "id = NEW.run_id"),
+                ("steps_updated", "UPDATE ON durably_steps", "id = NEW.run_id"),
+                ("logs_inserted", "INSERT ON durably_logs", "id = NEW.run_id"),
+            )
+        ),
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

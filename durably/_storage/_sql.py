@@ -11,7 +11,7 @@ from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
 from durably._storage._driver import Driver, Row, Statement, Value
-from durably._storage._protocol import Lease, RunFilter, StepRecord, Telemetry
+from durably._storage._protocol import Lease, RunChanges, RunFilter, StepRecord, Telemetry
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
@@ -246,12 +246,23 @@ class SqlStorage:
         for key, value in run_filter.labels.items():
             where.append("seq IN (SELECT run_seq FROM durably_labels WHERE key = ? AND value = ?)")
             params.extend((key, value))
+        if run_filter.before_id is not None:
+            where.append(q.BEFORE_RUN)
+            params.extend((run_filter.before_id, run_filter.before_id))
         sql = f"SELECT {q.RUN_COLUMNS} FROM durably_runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
         params.extend((run_filter.limit, run_filter.offset))
         return [_run_from_row(row) for row in await self._driver.read(sql, params)]
+
+    async def get_run_changes(self, cursor: int | None, *, limit: int) -> RunChanges:
+        if cursor is None:
+            rows = await self._driver.read(q.LATEST_CHANGE)
+            return RunChanges(runs=[], cursor=_int(rows[0][0]))
+        rows = await self._driver.read(q.RUN_CHANGES, (cursor, limit))
+        runs = [_run_from_row(row[:_RUN_WIDTH]) for row in rows]
+        return RunChanges(runs=runs, cursor=_int(rows[-1][_RUN_WIDTH]) if rows else cursor)
 
     async def _require_run(self, run_id: str) -> None:
         if not await self._driver.read(q.RUN_EXISTS, (run_id,)):

@@ -20,6 +20,12 @@ CREATE TABLE durably_logs (
             created_at REAL NOT NULL
         );
 
+-- trigger durably_logs_inserted
+CREATE TRIGGER durably_logs_inserted AFTER INSERT ON durably_logs BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE id = NEW.run_id;
+        END;
+
 -- index durably_logs_run
 CREATE INDEX durably_logs_run ON durably_logs (run_id, seq);
 
@@ -43,7 +49,10 @@ CREATE TABLE durably_runs (
             created_at REAL NOT NULL,
             started_at REAL,
             completed_at REAL
-        );
+        , change_seq INTEGER NOT NULL DEFAULT 0);
+
+-- index durably_runs_change
+CREATE INDEX durably_runs_change ON durably_runs (change_seq);
 
 -- index durably_runs_completed
 CREATE INDEX durably_runs_completed
@@ -57,11 +66,23 @@ CREATE INDEX durably_runs_concurrency
 CREATE UNIQUE INDEX durably_runs_idempotency
             ON durably_runs (job_name, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
+-- trigger durably_runs_inserted
+CREATE TRIGGER durably_runs_inserted AFTER INSERT ON durably_runs BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE seq = NEW.seq;
+        END;
+
 -- index durably_runs_job
 CREATE INDEX durably_runs_job ON durably_runs (job_name, seq);
 
 -- index durably_runs_status
 CREATE INDEX durably_runs_status ON durably_runs (status, seq);
+
+-- trigger durably_runs_updated
+CREATE TRIGGER durably_runs_updated AFTER UPDATE OF status, progress, attempt, output, error ON durably_runs BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE seq = NEW.seq;
+        END;
 
 -- table durably_schema_versions
 CREATE TABLE durably_schema_versions (
@@ -81,3 +102,15 @@ CREATE TABLE durably_steps (
             completed_at REAL,
             PRIMARY KEY (run_id, name)
         ) WITHOUT ROWID;
+
+-- trigger durably_steps_inserted
+CREATE TRIGGER durably_steps_inserted AFTER INSERT ON durably_steps BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE id = NEW.run_id;
+        END;
+
+-- trigger durably_steps_updated
+CREATE TRIGGER durably_steps_updated AFTER UPDATE ON durably_steps BEGIN
+            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
+            WHERE id = NEW.run_id;
+        END;

@@ -1,0 +1,163 @@
+"""``get_run_changes`` and keyset pagination, on every adapter; the upgrade to schema v2."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from durably import open_storage
+from durably._ids import new_run_id
+from durably._models import LogEntry, NewRun, Progress
+from durably._storage import _queries as q
+from durably._storage._protocol import Lease, RunFilter, StepRecord, Storage, Telemetry
+from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
+
+pytestmark = pytest.mark.anyio
+
+
+def _new(job: str = "job-a") -> NewRun:
+    return NewRun(
+        id=new_run_id(), job_name=job, input=b"{}", labels={}, idempotency_key=None, concurrency_key=None
+    )
+
+
+async def _changed(storage: Storage, cursor: int) -> tuple[list[str], int]:
+    changes = await storage.get_run_changes(cursor, limit=100)
+    assert changes.cursor >= cursor
+    return [run.id for run in changes.runs], changes.cursor
+
+
+async def _lease(storage: Storage) -> Lease:
+    [claimed] = await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=1, lease_seconds=30)
+    return Lease(claimed.run.id, claimed.lease_generation)
+
+
+async def test_every_visible_change_of_a_run_moves_it_past_the_cursor_once(storage: Storage) -> None:
+    start = await storage.get_run_changes(None, limit=100)
+    assert start.runs == []
+    [run, other] = await storage.create_runs([_new(), _new("job-b")])
+    ids, cursor = await _changed(storage, start.cursor)
+    assert ids == [run.id, other.id]
+    assert await _changed(storage, cursor) == ([], cursor)
+
+    lease = await _lease(storage)
+    now = datetime.now(UTC).timestamp()
+    log = LogEntry(level="info", message="hi", created_at=datetime.now(UTC))
+    step = StepRecord(name="s", index=0, started_at=now, completed_at=now)
+    writes: dict[str, Callable[[], Awaitable[bool]] | None] = {
+        "claim": None,  # done above, after the cursor was taken
+        "step": lambda: storage.save_step(lease, step, Telemetry()),
+        "progress": lambda: storage.save_telemetry(lease, Telemetry(progress=Progress(1, 2))),
+        "log": lambda: storage.save_telemetry(lease, Telemetry(logs=[log])),
+        "complete": lambda: storage.complete_run(lease, b"1", Telemetry()),
+    }
+    for what, write in writes.items():
+        if write is not None:
+            assert await write(), what
+        ids, next_cursor = await _changed(storage, cursor)
+        assert ids == [run.id], what
+        assert next_cursor > cursor, what
+        cursor = next_cursor
+    [changed] = (await storage.get_run_changes(start.cursor, limit=100)).runs[-1:]
+    assert (changed.id, changed.status, changed.progress) == (run.id, "completed", Progress(1, 2))
+
+
+async def test_renewing_a_lease_is_not_a_change(storage: Storage) -> None:
+    await storage.create_runs([_new()])
+    lease = await _lease(storage)
+    cursor = (await storage.get_run_changes(None, limit=10)).cursor
+    assert await storage.renew_leases([lease], lease_seconds=30) == {lease.run_id}
+    assert await _changed(storage, cursor) == ([], cursor)
+
+
+async def test_a_run_changed_twice_comes_once_and_limit_pages_the_rest(storage: Storage) -> None:
+    cursor = (await storage.get_run_changes(None, limit=10)).cursor
+    runs = await storage.create_runs([_new() for _ in range(5)])
+    await storage.cancel_run(runs[0].id)
+    first = await storage.get_run_changes(cursor, limit=3)
+    assert [r.id for r in first.runs] == [r.id for r in runs[1:4]]
+    rest = await storage.get_run_changes(first.cursor, limit=3)
+    assert [(r.id, r.status) for r in rest.runs] == [(runs[4].id, "pending"), (runs[0].id, "cancelled")]
+    assert (await storage.get_run_changes(rest.cursor, limit=3)).runs == []
+
+
+async def test_get_runs_pages_by_cursor_even_when_the_cursor_run_is_gone(storage: Storage) -> None:
+    runs = await storage.create_runs([_new() for _ in range(5)])
+    newest_first = [r.id for r in reversed(runs)]
+    page = await storage.get_runs(RunFilter(limit=2))
+    assert [r.id for r in page] == newest_first[:2]
+    page = await storage.get_runs(RunFilter(limit=2, before_id=page[-1].id))
+    assert [r.id for r in page] == newest_first[2:4]
+    await storage.cancel_run(page[-1].id)
+    await storage.delete_run(page[-1].id)
+    page = await storage.get_runs(RunFilter(limit=2, before_id=page[-1].id))
+    assert [r.id for r in page] == newest_first[4:]
+    assert await storage.get_runs(RunFilter(before_id=newest_first[-1])) == []
+
+
+def test_the_change_query_is_an_index_seek(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        for version in MIGRATIONS:
+            for sql in version:
+                conn.execute(sql)
+        plans = [
+            " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            for sql, params in ((q.RUN_CHANGES, (0, 10)), (q.LATEST_CHANGE, ()))
+        ]
+    finally:
+        conn.close()
+    for plan in plans:
+        assert plan.startswith("SEARCH durably_runs USING") and "durably_runs_change" in plan, plan
+
+
+def _write_v1_database(path: Path) -> None:
+    """A database as the previous release left it: schema v1 with a run, a step, a log line."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(CREATE_VERSION_TABLE)
+        for sql in MIGRATIONS[0]:
+            conn.execute(sql)
+        conn.execute("INSERT INTO durably_schema_versions VALUES (1, 0)")
+        conn.execute(
+            "INSERT INTO durably_runs (id, job_name, status, input, output, labels, created_at, completed_at)"
+            " VALUES ('r1', 'job-a', 'completed', '{\"n\":1}', '2', '{\"k\":\"v\"}', 1.0, 2.0)"
+        )
+        conn.execute("INSERT INTO durably_labels VALUES ('k', 'v', 1)")
+        conn.execute("INSERT INTO durably_steps VALUES ('r1', 's', 0, 'completed', '1', NULL, 1.0, 1.5)")
+        conn.execute("INSERT INTO durably_logs VALUES (1, 'r1', 's', 'info', 'hello', '{}', 1.2)")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_v1_database_upgrades_keeping_runs_steps_and_logs(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    _write_v1_database(path)
+    storage = open_storage(f"file:{path}")
+    try:
+        await storage.migrate()
+        run = await storage.get_run("r1")
+        assert run is not None
+        assert (run.status, run.input, run.output, run.labels) == ("completed", {"n": 1}, 2, {"k": "v"})
+        assert [(s.name, s.output) for s in await storage.get_steps("r1")] == [("s", 1)]
+        assert [log.message for log in await storage.get_logs("r1")] == ["hello"]
+        assert [r.id for r in await storage.get_runs(RunFilter(labels={"k": "v"}))] == ["r1"]
+        # Old runs join the change feed behind the cursor of an empty start.
+        assert [r.id for r in (await storage.get_run_changes(0, limit=10)).runs] == ["r1"]
+        [new] = await storage.create_runs([_new()])
+        cursor = (await storage.get_run_changes(0, limit=10)).cursor
+        assert [r.id for r in (await storage.get_run_changes(1, limit=10)).runs] == [new.id]
+        assert cursor == 2
+    finally:
+        await storage.close()
+    conn = sqlite3.connect(path)
+    try:
+        versions = [row[0] for row in conn.execute("SELECT version FROM durably_schema_versions")]
+    finally:
+        conn.close()
+    assert versions == list(range(1, LATEST_VERSION + 1))
