@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     purge = command("purge", "delete ended runs older than an age", db)
     purge.add_argument("--older-than", type=_age, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
     command("migrate", "create or upgrade the database schema", db)
+    serve = command("serve", "serve the HTTP API and dashboard (needs durably[web])", app)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--worker", action="store_true", help="also run a worker in this process")
     return parser
 
 
@@ -270,6 +274,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _worker(args)
     if args.command == "trigger":
         return await _trigger(args)
+    if args.command == "serve":
+        try:
+            from durably.web._serve import serve
+        except ImportError as exc:
+            raise UsageError(
+                f"durably serve needs the web extra: pip install 'durably[web]' ({exc})"
+            ) from exc
+        return await serve(load_app(args.app), host=args.host, port=args.port, worker=args.worker)
     app = _open(args)
     try:
         return await _DB_COMMANDS[args.command](args, app)

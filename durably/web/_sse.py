@@ -7,6 +7,7 @@ gets only what it missed (and the current status and progress again).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from durably.web._changes import ChangeFeed
 
 HEARTBEAT = 15.0  # seconds between comment lines that keep proxies from closing the stream
+PUSH_FRESHNESS = 2.0  # seconds a pushed progress outranks the stored one
 _encoder = msgspec.json.Encoder()
 
 
@@ -46,6 +48,7 @@ class RunView:
         self._steps: dict[str, str] = {}
         self._status: str | None = None
         self._progress: Progress | None = None
+        self._pushed_at = -PUSH_FRESHNESS
         self.ended = False
 
     @property
@@ -63,14 +66,22 @@ class RunView:
         for log in logs[self._logs :]:
             self._logs += 1
             events.append(sse("log", log, self.event_id))
-        events.extend(self.progress(run.progress))
+        # Progress pushed by this process is newer than what storage has (it lands within
+        # a second), so storage's only counts once pushes stop, and at the end.
+        if run.is_terminal or time.monotonic() - self._pushed_at > PUSH_FRESHNESS:
+            events.extend(self._progress_event(run.progress))
         if run.status != self._status:
             self._status = run.status
             events.append(sse("status", run, self.event_id))
             self.ended = run.is_terminal
         return events
 
-    def progress(self, progress: Progress | None) -> list[bytes]:
+    def pushed(self, progress: Progress) -> list[bytes]:
+        """Events for ``run:progress`` of this process."""
+        self._pushed_at = time.monotonic()
+        return self._progress_event(progress)
+
+    def _progress_event(self, progress: Progress | None) -> list[bytes]:
         if progress is None or progress == self._progress:
             return []
         self._progress = progress
@@ -104,7 +115,7 @@ async def run_events(
             elif message is None:
                 events = [b": heartbeat\n\n"]
             elif isinstance(message, ProgressMade):
-                events = view.progress(message.progress)
+                events = view.pushed(message.progress)
             elif isinstance(message, RunDeleted):
                 events, view.ended = [sse("status", {"id": run_id, "status": "deleted"})], True
             elif message.steps is None or message.logs is None:

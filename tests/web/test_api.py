@@ -20,15 +20,6 @@ pytestmark = pytest.mark.anyio
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture
-async def durably(tmp_path: Path) -> AsyncIterator[Durably]:
-    instance = make(f"file:{tmp_path / 'web.db'}")
-    try:
-        yield instance
-    finally:
-        await instance.close()
-
-
 def client_for(app: Any, base: str = "http://test") -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base)
 
