@@ -2,6 +2,7 @@
 
     python -m benchmarks            # everything, ~3 minutes on 2 cores
     python -m benchmarks --quick    # fewer runs, for a smoke check
+    python -m benchmarks --web      # live subscribers of the web app: reads/s and RSS
 
 Each durably figure is measured in a fresh process on a fresh database; the
 floor (stdlib sqlite3 doing the same writes) is measured in the same run, and
@@ -72,7 +73,16 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer runs and one trial")
     parser.add_argument("--trials", type=int, default=5, help="median of this many trials (local)")
+    parser.add_argument(
+        "--web", action="store_true", help="only the live-subscribers rows (benchmarks/_web.py)"
+    )
     options = parser.parse_args()
+    if options.web:
+        from benchmarks import _web
+
+        seconds = 5.0 if options.quick else 20.0
+        _web.print_rows(asyncio.run(_web.measure([1, 200], seconds)), seconds)
+        return
     trials = 1 if options.quick else options.trials
     n_local = 300 if options.quick else 1000
     n_remote = 100 if options.quick else 500
