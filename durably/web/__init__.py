@@ -48,7 +48,7 @@ class _Guard:
         self._auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] != "http":  # lifespan; the app has no websocket routes
             await self._app(scope, receive, send)
             return
         connection = HTTPConnection(scope)

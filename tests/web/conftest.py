@@ -22,6 +22,13 @@ from durably.web import create_app
 from .app import make
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"file:{tmp_path / 'web.db'}"

@@ -25,20 +25,13 @@ from playwright.async_api import Browser, Page, async_playwright
 from durably import Durably
 
 from .app import make
+from .conftest import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("DURABLY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Stack:
@@ -72,7 +65,7 @@ def _stop(process: subprocess.Popen[bytes], *, terminate: bool = True) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("dashboard")
     db = f"file:{root / 'dash.db'}"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DURABLY_WEB_TEST_DB": db}
     serve_cmd = [
         sys.executable,
