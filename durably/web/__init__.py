@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,12 +22,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from durably._engine import Durably
 from durably.errors import ConfigurationError, DurablyError
 from durably.web._api import STATUS_CODES, Api, error_response
 from durably.web._changes import ChangeFeed
-
-if TYPE_CHECKING:
-    from durably._engine import Durably
 
 __all__ = ["Auth", "create_app"]
 
@@ -98,8 +96,6 @@ def create_app(durably: Durably, *, auth: Auth | None = None, dashboard: bool = 
     ``auth(connection)`` returns a bool, or an awaitable of one; a request it denies
     gets 401. Each app keeps its own state, so several can be mounted side by side.
     """
-    from durably._engine import Durably
-
     if not isinstance(durably, Durably):
         raise ConfigurationError(f"create_app() takes a Durably instance, got {type(durably).__name__}")
     if auth is not None and not callable(auth):

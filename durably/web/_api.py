@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -86,7 +87,7 @@ def _query_filter(request: Request) -> RunFilter:
     )
 
 
-def _matcher(run_filter: RunFilter) -> Any:
+def _matcher(run_filter: RunFilter) -> Callable[[Run], bool]:
     def matches(run: Run) -> bool:
         return (
             (not run_filter.statuses or run.status in run_filter.statuses)
@@ -144,15 +145,12 @@ class Api:
         ]
 
     async def jobs(self, request: Request) -> Response:
-        jobs = [
-            {
-                "name": handle.name,
-                "handle": key,
-                "input_schema": _input_schema(handle.definition.input_type),
-            }
-            for key, handle in ((key, self.durably.jobs[key]) for key in self.durably.jobs)
-        ]
-        return json_response({"jobs": sorted(jobs, key=lambda job: job["name"])})
+        jobs = []
+        for key in self.durably.jobs:
+            handle = self.durably.jobs[key]
+            schema = _input_schema(handle.definition.input_type)
+            jobs.append({"name": handle.name, "handle": key, "input_schema": schema})
+        return json_response({"jobs": sorted(jobs, key=lambda job: str(job["name"]))})
 
     async def trigger(self, request: Request) -> Response:
         handle = self.durably.job(request.path_params["job"])

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.requests import HTTPConnection
 
-from durably import Durably
+from durably import ConfigurationError, Durably
 from durably.web import create_app
 
 from .app import make
@@ -256,3 +256,20 @@ async def test_bad_input_never_gives_a_500(
     response = await client.request(method, path, content=body, headers=JSON)
     assert response.status_code < 500, response.text
     assert response.status_code in (200, 201) or "error" in response.json()
+
+
+async def test_the_dashboard_is_served_from_package_data(client: httpx.AsyncClient) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in page.text and "http" not in page.text.split("<body>")[0]
+    script = await client.get("/static/app.js")
+    assert script.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    assert "EventSource" in script.text
+    assert (await client.get("/static/app.css")).headers["content-type"].startswith("text/css")
+
+
+async def test_create_app_refuses_what_is_not_a_durably_instance_or_an_auth_callable(durably: Durably) -> None:
+    with pytest.raises(ConfigurationError, match="Durably instance"):
+        create_app("file:x.db")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="auth"):
+        create_app(durably, auth="secret")  # type: ignore[arg-type]
