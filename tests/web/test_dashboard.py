@@ -268,6 +268,7 @@ async def test_readable_at_390px_and_usable_from_the_keyboard(
     await page.wait_for_selector("table.runs tbody tr")
     overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"{overflow}px of horizontal scrolling at 390 px"
+    await _shot(page, "runs-390")
     unlabelled = await page.evaluate(
         """[...document.querySelectorAll('input, select, textarea, button, progress')]
             .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
