@@ -268,7 +268,9 @@ async def test_the_dashboard_is_served_from_package_data(client: httpx.AsyncClie
     assert (await client.get("/static/app.css")).headers["content-type"].startswith("text/css")
 
 
-async def test_create_app_refuses_what_is_not_a_durably_instance_or_an_auth_callable(durably: Durably) -> None:
+async def test_create_app_refuses_what_is_not_a_durably_instance_or_an_auth_callable(
+    durably: Durably,
+) -> None:
     with pytest.raises(ConfigurationError, match="Durably instance"):
         create_app("file:x.db")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="auth"):

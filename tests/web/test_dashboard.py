@@ -215,7 +215,7 @@ async def test_a_run_of_another_process_appears_and_completes_live(
     await _shot(page, "run-completed")
 
 
-async def test_cancel_stops_a_run_executing_in_the_worker_process(
+async def test_cancel_stops_a_run_in_the_worker_process_and_delete_removes_it(
     browser: Browser, stack: Stack, trigger_host: Durably
 ) -> None:
     run = await trigger_host.jobs.count.trigger({"steps": 60, "pause": 0.3})
@@ -230,7 +230,11 @@ async def test_cancel_stops_a_run_executing_in_the_worker_process(
     steps = len(await trigger_host.get_steps(run.id))
     await anyio.sleep(1)  # the worker has stopped: no step is stored after the cancel
     assert len(await trigger_host.get_steps(run.id)) == steps < 60
-    assert await page.get_by_role("button", name="Delete").is_enabled()
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete run …?"
+    await page.get_by_role("button", name="Delete").click()
+    await page.wait_for_selector("table.runs")
+    assert await trigger_host.get_run(run.id) is None
+    assert await page.locator(f'tr[data-run="{run.id}"]').count() == 0
 
 
 async def test_the_trigger_form_is_built_from_the_input_schema(
