@@ -190,7 +190,7 @@ async def test_a_run_of_another_process_appears_and_completes_live(
 ) -> None:
     opened = await _open(browser, stack)
     page = opened.page
-    run = await trigger_host.jobs.count.trigger({"steps": 8, "pause": 0.4}, labels={"source": "test"})
+    run = await trigger_host.jobs.count.trigger({"steps": 8, "pause": 0.6}, labels={"source": "test"})
     row = f'tr[data-run="{run.id}"]'
     await page.wait_for_selector(row, timeout=10_000)
     seen: list[float] = []
