@@ -172,12 +172,19 @@ async function runsView(query) {
     return row;
   }
 
-  function upsert(run, atTop) {
+  // Rows stay newest first (ids sort by creation time); a run older than the loaded pages
+  // waits for "Load more".
+  function upsert(run, live) {
     const old = rows.get(run.id);
     const row = render(mergeProgress(old && old.run, run));
     if (old) old.replaceWith(row);
-    else if (atTop) tbody.prepend(row);
-    else tbody.append(row);
+    else if (!live) tbody.append(row);
+    else {
+      const after = [...tbody.children].find((r) => r.run.id < run.id);
+      if (after) tbody.insertBefore(row, after);
+      else if (cursor) return;
+      else tbody.append(row);
+    }
     rows.set(run.id, row);
     empty.hidden = rows.size > 0;
   }
