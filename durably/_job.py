@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
-from durably._models import Progress, Run, RunResult
+from durably._models import LogEntry, Progress, Run, RunResult
 from durably.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from durably._engine import Durably
-    from durably._models import LogEntry
     from durably._steps import StepContext
 
 InputT = TypeVar("InputT")
@@ -77,11 +75,35 @@ def define_job(
     return build(run)
 
 
+class RunStarter(Protocol):
+    """What a handle needs of its instance: start runs and wait for their results."""
+
+    async def trigger(
+        self,
+        definition: JobDefinition[Any, Any],
+        payloads: Sequence[Any],
+        *,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> list[Run]: ...
+
+    async def result(
+        self,
+        definition: JobDefinition[Any, OutputT],
+        run: Run,
+        *,
+        timeout: float | None,
+        on_progress: Callable[[Progress], Any] | None,
+        on_log: Callable[[LogEntry], Any] | None,
+    ) -> RunResult[OutputT]: ...
+
+
 class JobHandle(Generic[InputT, OutputT]):
     """A job registered on one ``Durably`` instance: ``durably.jobs.<name>``."""
 
-    def __init__(self, durably: Durably, definition: JobDefinition[InputT, OutputT]) -> None:
-        self._durably = durably
+    def __init__(self, runs: RunStarter, definition: JobDefinition[InputT, OutputT]) -> None:
+        self._runs = runs
         self.definition = definition
 
     @property
@@ -97,7 +119,7 @@ class JobHandle(Generic[InputT, OutputT]):
         labels: dict[str, str] | None = None,
     ) -> Run:
         """Validate ``payload`` and write a new ``pending`` run (or return the idempotent one)."""
-        [run] = await self._durably._trigger(
+        [run] = await self._runs.trigger(
             self.definition,
             [payload],
             idempotency_key=idempotency_key,
@@ -115,7 +137,7 @@ class JobHandle(Generic[InputT, OutputT]):
         """Validate every payload, then write them all atomically in one round trip."""
         if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, Sequence):
             raise ConfigurationError("batch_trigger() takes a list of payloads")
-        return await self._durably._trigger(self.definition, list(payloads), labels=labels)
+        return await self._runs.trigger(self.definition, list(payloads), labels=labels)
 
     async def trigger_and_wait(
         self,
@@ -139,7 +161,7 @@ class JobHandle(Generic[InputT, OutputT]):
             concurrency_key=concurrency_key,
             labels=labels,
         )
-        return await self._durably._await_result(
+        return await self._runs.result(
             self.definition, run, timeout=timeout, on_progress=on_progress, on_log=on_log
         )
 
@@ -148,10 +170,14 @@ class JobHandle(Generic[InputT, OutputT]):
 
 
 class Jobs:
-    """The registered job handles: ``durably.jobs.name`` or ``durably.jobs["name"]``."""
+    """The registered job handles: ``durably.jobs.name`` or ``durably.jobs["name"]``.
 
-    def __init__(self) -> None:
-        self._handles: dict[str, JobHandle[Any, Any]] = {}
+    A read-only view of the registry it is given; it has no methods of its own, so
+    no job name is shadowed by one.
+    """
+
+    def __init__(self, handles: Mapping[str, JobHandle[Any, Any]]) -> None:
+        self._handles = handles
 
     def __getattr__(self, key: str) -> JobHandle[Any, Any]:
         try:

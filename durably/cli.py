@@ -211,7 +211,9 @@ async def _runs(args: argparse.Namespace, app: Durably) -> int:
 
 
 async def _show(args: argparse.Namespace, app: Durably) -> int:
-    run = await app._require(args.run_id)
+    run = await app.get_run(args.run_id)
+    if run is None:
+        raise NotFoundError(f"no run with id {args.run_id!r}")
     steps, logs = await app.get_steps(run.id), await app.get_logs(run.id)
     if args.json:
         _out(render.as_json({"run": run, "steps": steps, "logs": logs}))
