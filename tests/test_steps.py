@@ -437,7 +437,8 @@ async def test_progress_keeps_the_number_types_it_was_given(make_durably: Callab
             assert progress is not None
             assert [progress.current, progress.total] == given
             assert [type(progress.current), type(progress.total)] == [type(v) for v in given]
-    assert refused == [f"step.progress(): current must be a finite number, got {v}" for v in ("nan", "inf")] * 3
+    expected = [f"step.progress(): current must be a finite number, got {v}" for v in ("nan", "inf")]
+    assert refused == expected * 3
 
 
 # --- logs -----------------------------------------------------------------------------

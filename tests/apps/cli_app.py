@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 
 from durably import StepContext, create_durably, define_job
 from tests.jobs import echo, process_image
@@ -29,6 +30,24 @@ async def count(step: StepContext, payload: CountIn) -> dict[str, int]:
     return {"counted": payload.n}
 
 
+class ChattyIn(msgspec.Struct):
+    n: int
+    fail_at: int | None = None
+
+
+@define_job(name="chatty", input=ChattyIn)
+async def chatty(step: StepContext, payload: ChattyIn) -> dict[str, int]:
+    """Progress and log lines interleaved, for the terminal tests."""
+    structlog.get_logger("cli_app").info("starting to count")  # the app's own logging
+    for i in range(1, payload.n + 1):
+        if i == payload.fail_at:
+            await step.run(f"item-{i}", explode, f"failed at item {i}")
+        await step.run(f"item-{i}", lambda i=i: i)
+        step.progress(i, payload.n, f"item {i}")
+        step.log.info(f"did item {i}", i=i)
+    return {"counted": payload.n}
+
+
 @define_job(name="fail", input=dict[str, Any])
 async def fail(step: StepContext, payload: dict[str, Any]) -> None:
     await step.run("fine", lambda: "ok")
@@ -44,4 +63,4 @@ async def slow(step: StepContext, payload: dict[str, Any]) -> dict[str, float]:
 
 durably = create_durably(
     os.environ["DURABLY_TEST_DB"], polling_interval=0.02, heartbeat_interval=0.2, stale_threshold=2.0
-).register(echo=echo, process_image=process_image, count=count, fail=fail, slow=slow)
+).register(echo=echo, process_image=process_image, count=count, chatty=chatty, fail=fail, slow=slow)
