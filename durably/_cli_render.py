@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TextIO, cast
 
@@ -158,21 +160,40 @@ class Console:
                 self._stream.write(text + "\n")
             self._stream.flush()
 
-    def line(self, text: str) -> None:
-        """Print ``text`` above the bar."""
+    def line(self, text: str, stream: TextIO | None = None) -> None:
+        """Print ``text`` above the bar, on ``stream`` (default: the bar's own)."""
+        target = stream or self._stream
         with self._lock:
             if self._bar:
-                self._stream.write(_ERASE_LINE + text + "\n" + self._bar)
-            else:
-                self._stream.write(text + "\n")
-            self._stream.flush()
+                self._stream.write(_ERASE_LINE)
+                self._stream.flush()
+            target.write(text + "\n")
+            target.flush()
+            if self._bar:
+                self._stream.write(self._bar)
+                self._stream.flush()
 
     def log(self, entry: LogEntry) -> None:
         self.line(log_line(entry))
 
-    def as_file(self) -> TextIO:
-        """A text file whose complete lines are printed with ``line()`` (for loggers)."""
-        return cast(TextIO, _ConsoleFile(self))
+    @contextmanager
+    def holding_std_streams(self) -> Iterator[None]:
+        """While the bar is live, what is written to ``sys.stderr`` (and to ``sys.stdout``
+        when it is a terminal too) is printed above the bar, line by line."""
+        if not self._live:
+            yield
+            return
+        saved = sys.stdout, sys.stderr
+        if sys.stdout.isatty():
+            sys.stdout = cast(TextIO, _ConsoleFile(self, sys.stdout))
+        sys.stderr = cast(TextIO, _ConsoleFile(self, sys.stderr))
+        try:
+            yield
+        finally:
+            for file in (sys.stdout, sys.stderr):
+                if isinstance(file, _ConsoleFile):
+                    file.flush_partial()
+            sys.stdout, sys.stderr = saved
 
     def close(self) -> None:
         """Leave the last bar on screen and move below it, so what follows starts a line."""
@@ -193,15 +214,35 @@ class Console:
 
 
 class _ConsoleFile(io.TextIOBase):
-    """A text file whose lines go to ``Console.line``: structlog's output, above the bar."""
+    """A text file whose complete lines go to ``Console.line`` on ``target``."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, target: TextIO) -> None:
         super().__init__()
         self._console = console
+        self._target = target
         self._partial = ""
+        self._lock = threading.Lock()  # print() from several threads
 
     def write(self, text: str) -> int:
-        *lines, self._partial = (self._partial + text).split("\n")
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
         for line in lines:
-            self._console.line(line)
+            self._console.line(line, self._target)
         return len(text)
+
+    def flush_partial(self) -> None:
+        """Print a last line that did not end with a newline."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+        if partial:
+            self._console.line(partial, self._target)
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._target.encoding

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -29,6 +29,7 @@ from structlog.typing import EventDict
 from durably import _cli_render as render
 from durably._engine import Durably
 from durably._events import RunCancelEvent, RunCompleteEvent, RunFailEvent, RunStartEvent
+from durably._job import JobHandle
 from durably.adapters import open_storage
 from durably.errors import ConfigurationError, DurablyError, NotFoundError, ValidationError
 
@@ -287,33 +288,50 @@ def _payload(args: argparse.Namespace) -> Any:
 
 
 async def _trigger(args: argparse.Namespace) -> int:
+    if args.wait:
+        console = render.Console(sys.stderr)
+        # From the app's import on, whatever writes to stderr (or a terminal's stdout)
+        # prints above the bar, whoever configured the logging.
+        with console.holding_std_streams():
+            try:
+                output = await _trigger_and_wait(args, console)
+            finally:
+                console.close()
+        _out(render.as_json(output))
+        return 0
+    app, handle = _job_of(args)
+    payload = _payload(args)
+    _configure_logging(args)
+    try:
+        run = await handle.trigger(payload, **_trigger_keys(args))
+    finally:
+        await app.close()
+    _out(f"{run.id} {run.disposition}")
+    return 0
+
+
+async def _trigger_and_wait(args: argparse.Namespace, console: render.Console) -> Any:
+    """The run's output, once it completed; its log lines go through ``console``."""
+    app, handle = _job_of(args)
+    payload = _payload(args)
+    _configure_logging(args, hide_step_logs=True)
+    async with app:
+        result = await handle.trigger_and_wait(
+            payload, on_progress=console.progress, on_log=console.log, **_trigger_keys(args)
+        )
+    return result.output
+
+
+def _job_of(args: argparse.Namespace) -> tuple[Durably, JobHandle[Any, Any]]:
     app = load_app(args.app)
     try:
-        handle = app.job(args.job)
+        return app, app.job(args.job)
     except NotFoundError as exc:
         raise UsageError(f"--app {args.app}: {exc}") from exc
-    payload = _payload(args)
-    keys = {"idempotency_key": args.idempotency_key, "concurrency_key": args.concurrency_key}
-    if not args.wait:
-        _configure_logging(args)
-        try:
-            run = await handle.trigger(payload, **keys)
-        finally:
-            await app.close()
-        _out(f"{run.id} {run.disposition}")
-        return 0
-    console = render.Console(sys.stderr)
-    # The run's log lines come through on_log; the rest of the logging goes above the bar too.
-    _configure_logging(args, console.as_file(), hide_step_logs=True)
-    try:
-        async with app:
-            result = await handle.trigger_and_wait(
-                payload, on_progress=console.progress, on_log=console.log, **keys
-            )
-    finally:
-        console.close()
-    _out(render.as_json(result.output))
-    return 0
+
+
+def _trigger_keys(args: argparse.Namespace) -> dict[str, Any]:
+    return {"idempotency_key": args.idempotency_key, "concurrency_key": args.concurrency_key}
 
 
 async def _runs(args: argparse.Namespace, app: Durably) -> int:
@@ -324,7 +342,9 @@ async def _runs(args: argparse.Namespace, app: Durably) -> int:
 
 
 async def _show(args: argparse.Namespace, app: Durably) -> int:
-    run = await app._require(args.run_id)
+    run = await app.get_run(args.run_id)
+    if run is None:
+        raise NotFoundError(f"no run with id {args.run_id!r}")
     steps, logs = await app.get_steps(run.id), await app.get_logs(run.id)
     if args.json:
         _out(render.as_json({"run": run, "steps": steps, "logs": logs}))
@@ -387,20 +407,21 @@ def _drop_step_logs(_logger: Any, _method: str, event: EventDict) -> EventDict:
     return event
 
 
-def _configure_logging(
-    args: argparse.Namespace, stream: TextIO | None = None, *, hide_step_logs: bool = False
-) -> None:
-    """Log to stderr (stdout is for results), unless the app configured structlog itself."""
-    if structlog.is_configured():
-        return
-    processors = list(structlog.get_config()["processors"])
-    structlog.configure(
-        processors=[_drop_step_logs, *processors] if hide_step_logs else processors,
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if getattr(args, "debug", False) else logging.INFO
-        ),
-    )
+def _configure_logging(args: argparse.Namespace, *, hide_step_logs: bool = False) -> None:
+    """Log to stderr (stdout is for results), unless the app configured structlog itself.
+
+    ``hide_step_logs``: ``trigger --wait`` prints the run's step.log lines through
+    ``on_log``; structlog would print each of them a second time.
+    """
+    if not structlog.is_configured():
+        structlog.configure(
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            wrapper_class=structlog.make_filtering_bound_logger(
+                logging.DEBUG if getattr(args, "debug", False) else logging.INFO
+            ),
+        )
+    if hide_step_logs:
+        structlog.configure(processors=[_drop_step_logs, *structlog.get_config()["processors"]])
 
 
 def main(argv: list[str] | None = None) -> int:

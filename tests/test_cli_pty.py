@@ -51,7 +51,7 @@ def screen(raw: bytes) -> list[str]:
 
 
 def run_on_terminal(
-    cli: Cli, *args: str, columns: int = 120, stdout_too: bool = False
+    cli: Cli, *args: str, columns: int = 120, stdout_too: bool = False, env: dict[str, str] | None = None
 ) -> tuple[int, bytes, str]:
     """Run ``durably ARGS`` with stderr (and stdout if ``stdout_too``) on a pseudo-terminal.
 
@@ -62,7 +62,7 @@ def run_on_terminal(
     process = subprocess.Popen(
         [sys.executable, "-m", "durably", *args],
         cwd=ROOT,
-        env={**cli.env, "TERM": "xterm"},
+        env={**cli.env, "TERM": "xterm", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=terminal if stdout_too else subprocess.PIPE,
         stderr=terminal,
@@ -94,8 +94,15 @@ def run_on_terminal(
     return status, bytes(raw), out
 
 
-def test_log_lines_print_above_the_bar_and_the_output_goes_to_stdout(cli: Cli) -> None:
-    status, raw, out = run_on_terminal(cli, "trigger", "--app", APP, "chatty", '{"n": 3}', "--wait")
+@pytest.mark.parametrize("app_configures_structlog", [False, True], ids=["cli-logging", "app-logging"])
+def test_log_lines_print_above_the_bar_and_the_output_goes_to_stdout(
+    cli: Cli, app_configures_structlog: bool
+) -> None:
+    status, raw, out = run_on_terminal(
+        cli,
+        *("trigger", "--app", APP, "chatty", '{"n": 3, "print_to": "stderr"}', "--wait"),
+        env={"CLI_APP_CONFIGURES_STRUCTLOG": "1"} if app_configures_structlog else {},
+    )
     assert status == 0, raw
     assert out == '{"counted":3}\n'
     # The bar is redrawn in place for each update, and erased before each log line.
@@ -103,21 +110,25 @@ def test_log_lines_print_above_the_bar_and_the_output_goes_to_stdout(cli: Cli) -
     assert raw.count(b"\r" + ERASE_LINE + b"info  did item") == 3, raw
     lines = screen(raw)
     assert lines[-1] == "[##############################] 100% 3/3 item 3", lines
-    logs = lines[:-1]
-    assert [line for line in logs if line.startswith("info ")] == [
+    above = lines[:-1]
+    assert [line for line in above if line.startswith("info ")] == [
         f'info  did item {i} {{"i":{i}}}' for i in (1, 2, 3)
     ], lines
-    [app_log] = [line for line in logs if "starting to count" in line]
-    assert not app_log.startswith("[")  # structlog's own line, not glued to a bar
-    assert len(logs) == 4, lines  # nothing else, and no log line twice (on_log and structlog)
+    [app_log] = [line for line in above if "starting to count" in line]
+    assert "item" not in app_log  # structlog's own line, not glued to a bar
+    assert "a line printed by the job" in above
+    assert len(above) == 5, lines  # nothing else, and no log line twice (on_log and structlog)
 
 
-def test_on_a_shared_terminal_the_output_starts_its_own_line(cli: Cli) -> None:
+def test_on_a_shared_terminal_the_job_prints_above_the_bar_and_the_output_comes_last(cli: Cli) -> None:
+    payload = '{"n": 2, "print_to": "stdout"}'
     status, raw, _ = run_on_terminal(
-        cli, "trigger", "--app", APP, "chatty", '{"n": 2}', "--wait", stdout_too=True
+        cli, "trigger", "--app", APP, "chatty", payload, "--wait", stdout_too=True
     )
     assert status == 0, raw
-    assert screen(raw)[-2:] == ["[##############################] 100% 2/2 item 2", '{"counted":2}']
+    lines = screen(raw)
+    assert "a line printed by the job" in lines, lines
+    assert lines[-2:] == ["[##############################] 100% 2/2 item 2", '{"counted":2}']
 
 
 def test_the_bar_is_cut_to_the_terminal_width(cli: Cli) -> None:
