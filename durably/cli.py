@@ -209,7 +209,9 @@ _EndEvent = RunCompleteEvent | RunFailEvent | RunCancelEvent
 class _RunEnds:
     """Prints a line for each run that ends in this process: id, job, status, duration."""
 
-    _TRACKED = 10_000  # runs cancelled by another process send no event here: bound the map
+    # Runs released on shutdown or cancelled by another process send no ending event
+    # here; bound the map so they cannot make it grow.
+    _TRACKED = 10_000
 
     def __init__(self, app: Durably) -> None:
         self._started: dict[str, datetime] = {}
@@ -232,9 +234,7 @@ class _RunEnds:
         if event.run_id is not None:
             self._started.pop(event.run_id, None)
 
-    def _end(
-        self, event: RunCompleteEvent | RunFailEvent | RunCancelEvent, status: str, error: str = ""
-    ) -> None:
+    def _end(self, event: _EndEvent, status: str, error: str = "") -> None:
         started = self._started.pop(event.run_id, None)
         seconds = None if started is None else (event.timestamp - started).total_seconds()
         _out(render.run_ended(event.run_id, event.job_name, status, seconds, error))
