@@ -45,6 +45,7 @@ class Ledger:
     at_least_once_reruns: int = 0
     reexecutions: int = 0
     worker_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors_by_host: collections.Counter[str] = field(default_factory=collections.Counter)
     steps_per_host: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def check(self, *, rerun_bound: int) -> None:
@@ -125,10 +126,11 @@ def _check_step(ledger: Ledger, run_id: str, step: Any, executions: list[Effect]
 
 def _count_events(ledger: Ledger, events: Path, run_ids: set[str]) -> None:
     completions = collections.Counter()
-    for kind, run_id, _host, _pid, detail in _lines(events):
+    for kind, run_id, host, _pid, detail in _lines(events):
         if kind == "run:complete":
             completions[run_id] += 1
         else:
             ledger.worker_errors[detail] += 1
+            ledger.errors_by_host[host] += 1
     ledger.completed_twice = sorted(run_id for run_id, n in completions.items() if n > 1)
     ledger.completion_unreported = len(run_ids - set(completions))
