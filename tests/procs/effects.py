@@ -39,6 +39,11 @@ class Effects(msgspec.Struct):
     work: float = 0.05
 
 
+def configure(name: str, log: str) -> None:
+    """Name this host and point its side-effect log at ``log`` (main() does it from the arguments)."""
+    _host.update(name=name, log=log)
+
+
 def _effect(run_id: str, name: str, attempt: int, work: float) -> dict[str, Any]:
     started = time.time_ns()
     pid, log = os.getpid(), _host["log"]
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--polling", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=1)
     args = parser.parse_args()
-    _host.update(name=args.id, log=args.log)
+    configure(args.id, args.log)
     signal.signal(signal.SIGTERM, _Stop.on_sigterm)
     anyio.run(serve, args)
 
