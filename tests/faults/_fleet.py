@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO
@@ -14,7 +14,7 @@ import anyio
 import pytest
 from anyio import to_thread
 
-from durably import Durably, Run, create_durably
+from durably import Durably, create_durably
 from durably.errors import StorageError
 
 from ..procs.effects import effects
@@ -75,24 +75,38 @@ class Fleet(Cluster):
         except StorageError:
             return -1
 
-    async def drain(self, durably: Durably, count: int, timeout: float = 60) -> None:
-        """Until no run is pending or leased; every host must stay alive meanwhile."""
+    async def until(self, done: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
+        """Poll ``done`` until it is true; every host must stay alive meanwhile."""
         with anyio.move_on_after(timeout) as scope:
-            while await self.unfinished(durably, count) != 0:
-                self.check_alive()
-                await anyio.sleep(0.1)
-        if scope.cancelled_caught:
-            pytest.fail(f"runs still unfinished after {timeout} s\n{self.outputs()}")
-
-    async def started(self, count: int, timeout: float = 20) -> None:
-        """Until ``count`` step executions have begun (the workload is going)."""
-        begin = anyio.Path(f"{self.log}.begin")
-        with anyio.move_on_after(timeout) as scope:
-            while not (await begin.exists() and len((await begin.read_text()).splitlines()) >= count):
+            while not await done():
                 self.check_alive()
                 await anyio.sleep(0.05)
         if scope.cancelled_caught:
-            pytest.fail(f"fewer than {count} steps began within {timeout} s\n{self.outputs()}")
+            pytest.fail(f"{what}: not within {timeout} s\n{self.outputs()}")
+
+    async def drain(self, durably: Durably, count: int, timeout: float = 60) -> None:
+        """Until no run is pending or leased (a database that does not answer is not drained)."""
+
+        async def drained() -> bool:
+            return await self.unfinished(durably, count) == 0
+
+        await self.until(drained, "every run finished", timeout)
+
+    async def begun(self, host: str | None = None) -> list[list[str]]:
+        """The step executions begun so far (by ``host``, or by any)."""
+        begin = anyio.Path(f"{self.log}.begin")
+        lines = (
+            [line.split() for line in (await begin.read_text()).splitlines()] if await begin.exists() else []
+        )
+        return [line for line in lines if host is None or line[3] == host]
+
+    async def started(self, count: int, host: str | None = None, timeout: float = 20) -> None:
+        """Until ``count`` step executions have begun (by ``host``, or by any): work is going."""
+
+        async def enough() -> bool:
+            return len(await self.begun(host)) >= count
+
+        await self.until(enough, f"{count} steps begun", timeout)
 
 
 @asynccontextmanager
@@ -114,9 +128,3 @@ async def client(url: str) -> AsyncIterator[Durably]:
         yield durably
     finally:
         await durably.close()
-
-
-async def rest(durably: Durably, runs: list[Run]) -> list[Run]:
-    """The runs as stored now, in trigger order."""
-    stored = [await durably.get_run(run.id) for run in runs]
-    return [run for run in stored if run is not None]

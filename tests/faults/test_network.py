@@ -64,6 +64,9 @@ async def _under_load(
     assert injected > 0
     assert unfinished_after_faults != 0, "the workload ended before the faults did: they hit nothing"
     ledger.check(rerun_bound=injected * SLOTS)
+    # TODO(lead): once the fix for issue 7 item 1 (a re-sent completion read as a lost lease)
+    # is merged, assert ledger.completion_unreported == 0 here: today connection resets leave
+    # a few runs completed without their run:complete event, too few for a strict xfail.
     return ledger
 
 

@@ -31,22 +31,10 @@ class Partition:
     """What happened to the cut-off host ``A`` and its runs."""
 
     ledger: Ledger
-    held: list[str]  # runs A had begun and not finished when it was cut off
+    held: list[str]  # runs A had begun and not finished (nor sent its completion) when cut off
     taken_over: int  # of those, finished by another host
     writes_after: list[str]  # rows A stored after it was cut off (must be none)
     lease_lost_reported: int  # LeaseLostError reported by A
-
-
-async def _wait_for_host_steps(hosts: Fleet, name: str, count: int) -> None:
-    with anyio.fail_after(20):
-        while sum(line.split()[3] == name for line in await _begin_lines(hosts)) < count:
-            hosts.check_alive()
-            await anyio.sleep(0.02)
-
-
-async def _begin_lines(hosts: Fleet) -> list[str]:
-    begin = anyio.Path(f"{hosts.log}.begin")
-    return (await begin.read_text()).splitlines() if await begin.exists() else []
 
 
 async def _partition_one_host(sqld: SqldServer, tmp_path: Path, proxy: TcpProxy) -> Partition:
@@ -58,7 +46,7 @@ async def _partition_one_host(sqld: SqldServer, tmp_path: Path, proxy: TcpProxy)
         await hosts.wait_ready(3)
         runs = await durably.jobs.effects.batch_trigger([Effects(steps=3, work=0.1)] * RUNS)
         await hosts.go()
-        await _wait_for_host_steps(hosts, "A", 2)
+        await hosts.started(2, host="A")
         proxy.drop()
         cut_at = time.time_ns()
         await hosts.drain(durably, RUNS, timeout=60)  # B and C finish everything, A's runs too
@@ -70,13 +58,14 @@ async def _partition_one_host(sqld: SqldServer, tmp_path: Path, proxy: TcpProxy)
 
 async def _account(durably: Durably, hosts: Fleet, runs: list[Run], cut_at: int) -> Partition:
     ledger = await tally(durably, runs, hosts.log)
-    began_by_a = {fields[0] for fields in map(str.split, await _begin_lines(hosts)) if fields[3] == "A"}
+    began_by_a = {line[0] for line in await hosts.begun("A")}
     held, taken_over, writes_after = [], 0, []
     for run in runs:
         stored = await durably.get_run(run.id)
         assert stored is not None
         assert stored.completed_at is not None
-        if run.id not in began_by_a or _ns(stored.completed_at) < cut_at:
+        # A run that A completed with a request already on its way is not one it lost.
+        if run.id not in began_by_a or _ns(stored.completed_at) <= cut_at + IN_FLIGHT_NS:
             continue
         held.append(run.id)
         taken_over += stored.output["finished_by"] != "A"

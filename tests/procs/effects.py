@@ -2,6 +2,7 @@
 
 ``python -m tests.procs.effects DB_URL LOG --id NAME --stop-file PATH --ready-file PATH
 [--go-file PATH] [--stale S] [--heartbeat S] [--polling S] [--concurrency N]``
+(the arguments of tests/procs/host.py); it stops gracefully once the stop file exists.
 
 The job ``effects`` runs ``steps`` steps. Each step execution appends ``RUN STEP ATTEMPT
 NAME PID STARTED_NS`` to ``LOG.begin`` when it starts and ``RUN STEP ATTEMPT PID
@@ -16,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import time
-from types import FrameType
 from typing import Any
 
 import anyio
 import msgspec
-from anyio import Path as AsyncPath
 
 from durably import StepContext, create_durably, define_job
 
 from .host import append_line
+from .skewed_worker import wait_for_file
 
 _host = {"name": "test", "log": os.devnull}
 
@@ -72,27 +71,8 @@ def _record(event: Any) -> None:
     append_line(f"{_host['log']}.events", f"{event.type} {run_id} {_host['name']} {os.getpid()} {detail}")
 
 
-class _Stop:
-    """Set by SIGTERM or by the stop file; both end the worker gracefully."""
-
-    terminated = False
-
-    @classmethod
-    def on_sigterm(cls, signum: int, frame: FrameType | None) -> None:
-        cls.terminated = True
-
-
-async def _wait_for(path: str | None) -> bool:
-    """Until ``path`` exists (True) or SIGTERM arrived (False); no path: at once."""
-    file = AsyncPath(path) if path else None
-    while not _Stop.terminated:
-        if file is None or await file.exists():
-            return True
-        await anyio.sleep(0.02)
-    return False
-
-
 async def serve(args: argparse.Namespace) -> None:
+    """Work from the go file (if any) until the stop file; both waits are bounded."""
     durably = create_durably(
         args.db,
         polling_interval=args.polling,
@@ -100,31 +80,27 @@ async def serve(args: argparse.Namespace) -> None:
         stale_threshold=args.stale,
         max_concurrent_runs=args.concurrency,
     ).register(effects=effects)
-    durably.on("run:complete", _record)
-    durably.on("worker:error", _record)
+    for event_type in ("run:complete", "worker:error"):
+        durably.on(event_type, _record)
     append_line(args.ready_file, f"ready {_host['name']} {os.getpid()}")
-    if not await _wait_for(args.go_file):
-        await durably.close()
-        return
+    if args.go_file:
+        await wait_for_file(args.go_file, timeout=60)
     async with durably:
-        await _wait_for(args.stop_file)
+        await wait_for_file(args.stop_file, timeout=600)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("db")
-    parser.add_argument("log")
-    parser.add_argument("--id", required=True)
-    parser.add_argument("--stop-file", required=True)
-    parser.add_argument("--ready-file", required=True)
+    for positional in ("db", "log"):
+        parser.add_argument(positional)
+    for required in ("--id", "--stop-file", "--ready-file"):
+        parser.add_argument(required, required=True)
     parser.add_argument("--go-file")
-    parser.add_argument("--stale", type=float, default=1.0)
-    parser.add_argument("--heartbeat", type=float, default=0.2)
-    parser.add_argument("--polling", type=float, default=0.05)
+    for option, default in (("--stale", 1.0), ("--heartbeat", 0.2), ("--polling", 0.05)):
+        parser.add_argument(option, type=float, default=default)
     parser.add_argument("--concurrency", type=int, default=1)
     args = parser.parse_args()
     configure(args.id, args.log)
-    signal.signal(signal.SIGTERM, _Stop.on_sigterm)
     anyio.run(serve, args)
 
 
