@@ -18,6 +18,8 @@ from durably import Durably, create_durably
 from durably.errors import StorageError
 
 from ..procs.effects import effects
+from ..support.proxy import TcpProxy
+from ..support.sqld import SqldServer
 from ..test_many_hosts import Cluster, Host
 
 ROOT = Path(__file__).parents[2]
@@ -107,6 +109,12 @@ class Fleet(Cluster):
             return len(await self.begun(host)) >= count
 
         await self.until(enough, f"{count} steps begun", timeout)
+
+
+def proxy_to(sqld: SqldServer) -> TcpProxy:
+    """A started loopback proxy in front of ``sqld``, for faults on the workers' side only."""
+    assert sqld.port is not None, "sqld is not running"
+    return TcpProxy("127.0.0.1", sqld.port).start()
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def read_effects(log: Path) -> list[Effect]:
     ]
 
 
-def _ns(moment: Any) -> int:
+def to_ns(moment: datetime | None) -> int:
+    """A stored database timestamp in Unix nanoseconds, like the side-effect lines."""
+    assert moment is not None, "a completed run or step without its completed_at"
     return int(moment.timestamp() * 1_000_000_000)
 
 
@@ -118,14 +121,14 @@ def _check_step(ledger: Ledger, run_id: str, step: Any, executions: list[Effect]
     kept = (output["pid"], output["started_ns"])
     if not any((e.pid, e.started_ns) == kept for e in executions):
         ledger.stored_without_effect.append((run_id, step.name))
-    stored_ns = _ns(step.completed_at) + CLOCK_RESOLUTION_NS
+    stored_ns = to_ns(step.completed_at) + CLOCK_RESOLUTION_NS
     for e in executions:
         if (e.pid, e.started_ns) != kept and e.ended_ns > stored_ns:
             ledger.stored_steps_rerun.append((run_id, step.name, e.pid))
 
 
 def _count_events(ledger: Ledger, events: Path, run_ids: set[str]) -> None:
-    completions = collections.Counter()
+    completions: collections.Counter[str] = collections.Counter()
     for kind, run_id, host, _pid, detail in _lines(events):
         if kind == "run:complete":
             completions[run_id] += 1

@@ -16,7 +16,7 @@ from anyio import to_thread
 from ..procs.effects import Effects
 from ..support.proxy import TcpProxy
 from ..support.sqld import SqldServer
-from ._fleet import STALE, client, fleet
+from ._fleet import STALE, client, fleet, proxy_to
 from ._ledger import Ledger, tally
 from .conftest import Report
 
@@ -124,7 +124,7 @@ async def test_a_faulty_network_between_workers_and_sqld_loses_no_run(
     fault_report: Report,
     fault: Callable[[TcpProxy, Counts], Awaitable[None]],
 ) -> None:
-    with TcpProxy("127.0.0.1", sqld.port).start() as proxy:
+    with proxy_to(sqld) as proxy:
         await _under_load(tmp_path, sqld, proxy.url, partial(fault, proxy), fault_report)
 
 
@@ -137,7 +137,7 @@ async def test_a_faulty_network_between_workers_and_sqld_loses_no_run(
 async def test_a_blackhole_longer_than_the_lease_is_reported_by_every_worker(
     sqld: SqldServer, tmp_path: Path, fault_report: Report
 ) -> None:
-    with TcpProxy("127.0.0.1", sqld.port).start() as proxy:
+    with proxy_to(sqld) as proxy:
         ledger = await _under_load(tmp_path, sqld, proxy.url, partial(_blackhole, proxy), fault_report)
     silent = [f"h{i}" for i in range(HOSTS) if not ledger.errors_by_host[f"h{i}"]]
     assert not silent, f"hosts that waited out a {2.5 * STALE} s blackhole without a word: {silent}"

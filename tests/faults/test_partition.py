@@ -15,8 +15,8 @@ from durably import Durably, Run
 from ..procs.effects import Effects
 from ..support.proxy import TcpProxy
 from ..support.sqld import SqldServer
-from ._fleet import STALE, Fleet, client, fleet
-from ._ledger import Ledger, tally
+from ._fleet import STALE, Fleet, client, fleet, proxy_to
+from ._ledger import Ledger, tally, to_ns
 from .conftest import Report
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.faults]
@@ -63,16 +63,15 @@ async def _account(durably: Durably, hosts: Fleet, runs: list[Run], cut_at: int)
     for run in runs:
         stored = await durably.get_run(run.id)
         assert stored is not None
-        assert stored.completed_at is not None
         # A run that A completed with a request already on its way is not one it lost.
-        if run.id not in began_by_a or _ns(stored.completed_at) <= cut_at + IN_FLIGHT_NS:
+        if run.id not in began_by_a or to_ns(stored.completed_at) <= cut_at + IN_FLIGHT_NS:
             continue
         held.append(run.id)
         taken_over += stored.output["finished_by"] != "A"
         for step in await durably.get_steps(run.id):
-            if step.output["host"] == "A" and _ns(step.completed_at) > cut_at + IN_FLIGHT_NS:
+            if step.output["host"] == "A" and to_ns(step.completed_at) > cut_at + IN_FLIGHT_NS:
                 writes_after.append(f"{run.id}/{step.name}")
-        if stored.output["finished_by"] == "A" and _ns(stored.completed_at) > cut_at + IN_FLIGHT_NS:
+        if stored.output["finished_by"] == "A" and to_ns(stored.completed_at) > cut_at + IN_FLIGHT_NS:
             writes_after.append(run.id)
     reported = _lease_lost_reported_by(hosts, "A")
     return Partition(ledger, held, taken_over, writes_after, reported)
@@ -84,15 +83,11 @@ def _lease_lost_reported_by(hosts: Fleet, name: str) -> int:
     return sum(1 for kind, _run, host, _pid, detail in lines if host == name and detail == "LeaseLostError")
 
 
-def _ns(moment: object) -> int:
-    return int(moment.timestamp() * 1_000_000_000)  # type: ignore[attr-defined]
-
-
 @pytest.mark.timeout(120)
 async def test_a_partitioned_worker_is_taken_over_and_writes_nothing_afterwards(
     sqld: SqldServer, tmp_path: Path, fault_report: Report
 ) -> None:
-    with TcpProxy("127.0.0.1", sqld.port).start() as proxy:
+    with proxy_to(sqld) as proxy:
         outcome = await _partition_one_host(sqld, tmp_path, proxy)
     fault_report(
         kills=0,
@@ -119,7 +114,7 @@ async def test_a_partitioned_worker_is_taken_over_and_writes_nothing_afterwards(
     " already finished the run",
 )
 async def test_a_partitioned_worker_reports_each_lease_it_lost(sqld: SqldServer, tmp_path: Path) -> None:
-    with TcpProxy("127.0.0.1", sqld.port).start() as proxy:
+    with proxy_to(sqld) as proxy:
         outcome = await _partition_one_host(sqld, tmp_path, proxy)
     assert outcome.held
     assert outcome.lease_lost_reported >= len(outcome.held), (
