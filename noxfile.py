@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -11,9 +13,19 @@ nox.options.sessions = ["lint", "tests"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/)."""
+    """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/).
+
+    Branch coverage of durably/ includes the worker and CLI subprocesses ([tool.coverage]
+    in pyproject.toml): each process writes its own data file; pytest-cov combines those
+    it finds at the end, and the combine below picks up any written after that.
+    """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("coverage", "erase")
+    session.run("pytest", "--cov", "--cov-report=", *session.posargs)
+    if list(Path().glob(".coverage.*")):
+        session.run("coverage", "combine", "--append")
+    if Path(".coverage").exists():  # not with --no-cov in the arguments
+        session.run("coverage", "report")
 
 
 @nox.session
