@@ -44,7 +44,7 @@ class JobDefinition(Generic[InputT, OutputT]):
         return f"JobDefinition(name={self.name!r})"
 
 
-def _check_definition(name: object, run: object) -> None:
+def _check_run(name: object, run: object) -> None:
     if not callable(run) or not inspect.iscoroutinefunction(run):
         raise ConfigurationError(f"job {name!r}: run must be an async function (async def)")
 
@@ -54,10 +54,11 @@ def _check_name(name: object) -> None:
         raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
 
 
-# The overloads come in two sets (decorator, ``run=``) of the same order: a class (a
-# Struct, a dataclass, a TypedDict, ``dict[str, Any]``…) gives its type; anything else
-# (``int | None``, ``Literal[…]``; mypy and pyright type those as objects, not classes)
-# and ``output=None`` give ``Any``.
+# Two sets of overloads, decorator then ``run=``: a class (a Struct, a dataclass, a
+# TypedDict, ``dict[str, Any]``…) gives its type; anything else (``int | None``,
+# ``Literal[…]``: mypy and pyright type those as objects, not classes) and ``output=None``
+# give ``Any``. A ``run=`` function that does not fit falls through to the last, untyped
+# overload (no checker can tell "not a class" apart); the decorator is always checked.
 
 
 @overload
@@ -115,7 +116,7 @@ def define_job(
         raise ConfigurationError(f"job {name!r}: input= is required (use dict[str, Any] for free-form JSON)")
 
     def build(fn: JobFunction[Any, Any]) -> JobDefinition[Any, Any]:
-        _check_definition(name, fn)
+        _check_run(name, fn)
         return JobDefinition(name=name, input=input, output=output, run=fn)
 
     if run is None:
