@@ -1,4 +1,4 @@
-"""The single entry point: tests, lint, demo, bench."""
+"""The single entry point: tests, lint, typecheck, demo, bench."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Only the typing checks (also part of `tests`): user programs under mypy --strict and pyright."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_typing.py", *session.posargs)
 
 
 @nox.session

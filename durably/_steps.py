@@ -6,10 +6,14 @@ import inspect
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol, TypeVar, overload
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from durably import _codec, _threads
 from durably._models import LogLevel, Progress
+
+if TYPE_CHECKING:
+    from typing import _SpecialForm
 
 T = TypeVar("T")
 
@@ -61,6 +65,14 @@ class StepContext:
 
     @overload
     async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+
+    # A type that is not a class (``X | None``, ``Literal[…]``) converts too, but checkers
+    # cannot make a type of it: Any. Not ``object``: mypy would fall back to this overload
+    # (and miss the mismatch) where ``x: str = await step.run(…, type=ImageOut)``.
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: UnionType | _SpecialForm, **kwargs: Any
+    ) -> Any: ...
 
     async def run(
         self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
