@@ -10,39 +10,23 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, overload
 
 import anyio
-import msgspec
 import structlog
 
-from durably import _clock, _codec, _ids
-from durably._events import (
-    EventBus,
-    Handler,
-    RunCancelEvent,
-    RunDeleteEvent,
-    RunRetryEvent,
-    RunTriggerEvent,
-)
-from durably._job import JobDefinition, JobHandle, Jobs
-from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably import _clock
+from durably._events import EventBus, Handler
+from durably._job import InputT, JobDefinition, JobHandle, Jobs, OutputT
+from durably._models import LogEntry, Run, Step
+from durably._runs import Runs
 from durably._schedules import Scheduler
-from durably._storage._protocol import RunFilter, Storage
-from durably._waiting import Outcome, Waiters
+from durably._storage._protocol import Storage
 from durably._worker import Worker
 from durably.adapters import open_storage
-from durably.errors import (
-    ConfigurationError,
-    DurablyError,
-    NotFoundError,
-    RunCancelledError,
-    RunFailedError,
-    ValidationError,
-)
+from durably.errors import ConfigurationError, DurablyError, NotFoundError
 
 _logger = structlog.get_logger("durably")
-_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
 
 
 def _positive(name: str, value: float) -> float:
@@ -56,44 +40,10 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _as_tuple(
-    name: str, value: str | Sequence[str] | None, allowed: Sequence[str] | None = None
-) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        values: tuple[Any, ...] = (value,)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        values = tuple(value)
-    else:
-        raise ValidationError(f"{name} must be a string or a list of strings, got {value!r}")
-    for item in values:
-        if not isinstance(item, str) or (allowed is not None and item not in allowed):
-            expected = f"one of {', '.join(allowed)}" if allowed else "a string"
-            raise ValidationError(f"{name} must be {expected}, got {item!r}")
-    return values
-
-
 def _concurrency(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"max_concurrent_runs must be an int >= 1, got {value!r}")
     return value
-
-
-def _check_labels(labels: Any) -> dict[str, str]:
-    if labels is None:
-        return {}
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
-        raise ValidationError(f"labels must be a dict of str to str, got {labels!r}")
-    return labels
-
-
-def _check_key(name: str, key: Any) -> str | None:
-    if key is not None and (not isinstance(key, str) or not key):
-        raise ValidationError(f"{name} must be a non-empty string or None, got {key!r}")
-    return key
 
 
 class Durably:
@@ -128,13 +78,22 @@ class Durably:
                 f" ({stale_threshold}), or leases expire between renewals"
             )
         self._max_concurrent_runs = _concurrency(max_concurrent_runs)
-        self.jobs = Jobs()
         self._definitions: dict[str, JobDefinition[Any, Any]] = {}
+        self._handles: dict[str, JobHandle[Any, Any]] = {}
+        self.jobs = Jobs(self._handles)
         self._bus = EventBus()
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._worker: Worker | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._waiters = Waiters(self.storage, self._bus, polling_interval=self._polling_interval)
+        self._runs = Runs(
+            self.storage,
+            self._bus,
+            self._definitions,
+            polling_interval=self._polling_interval,
+            ready=self._ready,
+            on_new_work=self._wake_worker,
+            on_cancelled=self._cancel_locally,
+        )
         self._migrated = False
         self._scheduler = Scheduler()
 
@@ -172,17 +131,35 @@ class Durably:
                 raise ConfigurationError(f"a job is already registered as {key!r}")
         for key, definition in jobs.items():
             self._definitions[definition.name] = definition
-            self.jobs._handles[key] = JobHandle(self, definition)
+            self._handles[key] = JobHandle(self._runs, definition)
         return self
 
-    def job(self, name: str) -> JobHandle[Any, Any]:
-        """The handle of a job by its job name or its registered handle name."""
-        if name in self.jobs:
-            return self.jobs[name]
-        for key in self.jobs:
-            if self.jobs[key].name == name:
-                return self.jobs[key]
-        raise NotFoundError(f"no job named {name!r} is registered; registered: {sorted(self._definitions)}")
+    @overload
+    def job(self, job: JobDefinition[InputT, OutputT], /) -> JobHandle[InputT, OutputT]: ...
+
+    @overload
+    def job(self, job: str, /) -> JobHandle[Any, Any]: ...
+
+    def job(self, job: JobDefinition[Any, Any] | str, /) -> JobHandle[Any, Any]:
+        """The handle of a registered job: by its definition, types intact, or by name.
+
+        A name is a job name or a registered handle name; the handle of a name is
+        untyped (``JobHandle[Any, Any]``), as ``durably.jobs.<name>`` is.
+        """
+        if isinstance(job, JobDefinition):
+            for handle in self._handles.values():
+                if handle.definition is job:
+                    return handle
+            raise NotFoundError(
+                f"job definition {job.name!r} is not registered on this instance;"
+                f" registered: {sorted(self._definitions)}"
+            )
+        if job in self.jobs:
+            return self.jobs[job]
+        for handle in self._handles.values():
+            if handle.name == job:
+                return handle
+        raise NotFoundError(f"no job named {job!r} is registered; registered: {sorted(self._definitions)}")
 
     def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler`` (sync or async) for each event of ``event_type`` or ``"*"``."""
@@ -210,7 +187,7 @@ class Durably:
                 heartbeat_interval=self._heartbeat_interval,
                 stale_threshold=self._stale_threshold,
                 max_concurrent_runs=self._max_concurrent_runs,
-                on_finished=self._run_finished,
+                on_finished=self._runs.finished,
             )
         return self._worker
 
@@ -332,92 +309,23 @@ class Durably:
             done += processed
         return done
 
-    # --- triggering -----------------------------------------------------------------------
-
-    async def _trigger(
-        self,
-        definition: JobDefinition[Any, Any],
-        payloads: list[Any],
-        *,
-        idempotency_key: str | None = None,
-        concurrency_key: str | None = None,
-        labels: dict[str, str] | None = None,
-    ) -> list[Run]:
-        labels = _check_labels(labels)
-        new_runs = [
-            NewRun(
-                id=_ids.new_run_id(),
-                job_name=definition.name,
-                input=_codec.canonical(
-                    payload, definition.input_type, what=f"input of job {definition.name!r}"
-                ),
-                labels=labels,
-                idempotency_key=_check_key("idempotency_key", idempotency_key),
-                concurrency_key=_check_key("concurrency_key", concurrency_key),
-            )
-            for payload in payloads
-        ]
-        if not new_runs:
-            return []
-        await self._ready()
-        runs = await self.storage.create_runs(new_runs)
-        self._announce(runs)
-        return runs
-
-    def _announce(self, runs: Sequence[Run]) -> None:
-        for run in runs:
-            if run.disposition == "created" and self._bus.wants("run:trigger"):
-                self._bus.emit(
-                    RunTriggerEvent, run_id=run.id, job_name=run.job_name, input=run.input, labels=run.labels
-                )
-        if self._worker is not None and any(run.job_name in self._definitions for run in runs):
+    def _wake_worker(self) -> None:
+        if self._worker is not None:
             self._worker.wake()
 
-    async def _await_result(
-        self,
-        definition: JobDefinition[Any, Any],
-        run: Run,
-        *,
-        timeout: float | None,
-        on_progress: Callable[[Progress], Any] | None,
-        on_log: Callable[[LogEntry], Any] | None,
-    ) -> RunResult[Any]:
-        outcome = await self._waiters.wait(run, timeout=timeout, on_progress=on_progress, on_log=on_log)
-        if outcome.status == "failed":
-            raise RunFailedError(run.id, outcome.error)
-        if outcome.status == "cancelled":
-            raise RunCancelledError(run.id)
-        data = outcome.output if outcome.output is not None else b"null"
-        try:
-            output = _codec.decode_as(data, definition.output_type)
-        except msgspec.ValidationError as exc:
-            raise ValidationError(
-                f"output of run {run.id} does not fit {definition.output_type!r}: {exc}"
-            ) from exc
-        return RunResult(id=run.id, output=output, disposition=run.disposition or "created")
+    def _cancel_locally(self, run_id: str) -> None:
+        if self._worker is not None:
+            self._worker.cancel_local(run_id)
+
+    # --- the run API (``Runs`` does the work) ------------------------------------------------
 
     async def wait_for_run(self, run_id: str, timeout: float | None = None) -> Run:
         """The run once it is completed, failed or cancelled; ``TimeoutError`` after ``timeout``."""
-        run = await self._require(run_id)
-        await self._waiters.wait(run, timeout=timeout)
-        return await self._require(run_id)
-
-    def _run_finished(self, run_id: str, status: str, output: bytes | None, error: str | None) -> None:
-        self._waiters.finished(run_id, Outcome(status, output, error))
-
-    # --- the run API ----------------------------------------------------------------------
-
-    async def _require(self, run_id: str) -> Run:
-        await self._ready()
-        run = await self.storage.get_run(run_id)
-        if run is None:
-            raise NotFoundError(f"no run with id {run_id!r}")
-        return run
+        return await self._runs.wait_for_run(run_id, timeout)
 
     async def get_run(self, run_id: str) -> Run | None:
         """The run with ``run_id``, or ``None``."""
-        await self._ready()
-        return await self.storage.get_run(run_id)
+        return await self._runs.get_run(run_id)
 
     async def get_runs(
         self,
@@ -429,91 +337,37 @@ class Durably:
         offset: int = 0,
     ) -> list[Run]:
         """Runs newest first; every given filter must match (all labels included)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(f"limit must be a positive int, got {limit!r}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValidationError(f"offset must be a non-negative int, got {offset!r}")
-        run_filter = RunFilter(
-            statuses=_as_tuple("status", status, _STATUSES),
-            job_names=_as_tuple("job_name", job_name),
-            labels=_check_labels(labels),
-            limit=limit,
-            offset=offset,
+        return await self._runs.get_runs(
+            status=status, job_name=job_name, labels=labels, limit=limit, offset=offset
         )
-        await self._ready()
-        return await self.storage.get_runs(run_filter)
 
     async def get_steps(self, run_id: str) -> list[Step]:
         """The persisted steps of a run, in execution order."""
-        await self._ready()
-        return await self.storage.get_steps(run_id)
+        return await self._runs.get_steps(run_id)
 
     async def get_logs(self, run_id: str) -> list[LogEntry]:
         """The log lines a run wrote with ``step.log``, oldest first."""
-        await self._ready()
-        return await self.storage.get_logs(run_id)
+        return await self._runs.get_logs(run_id)
 
     async def retry(self, run_id: str) -> Run:
         """Put a failed or cancelled run back to pending; it resumes after its last completed step."""
-        await self._ready()
-        run = await self.storage.retry_run(run_id)
-        self._bus.emit(
-            RunRetryEvent, run_id=run.id, job_name=run.job_name, attempt=run.attempt, labels=run.labels
-        )
-        if self._worker is not None and run.job_name in self._definitions:
-            self._worker.wake()
-        return run
+        return await self._runs.retry(run_id)
 
     async def retrigger(self, run_id: str) -> Run:
         """A new run of the same job with the same input, labels and concurrency key."""
-        old = await self._require(run_id)
-        [run] = await self.storage.create_runs(
-            [
-                NewRun(
-                    id=_ids.new_run_id(),
-                    job_name=old.job_name,
-                    input=_codec.encode(old.input),
-                    labels=old.labels,
-                    idempotency_key=None,
-                    concurrency_key=old.concurrency_key,
-                )
-            ]
-        )
-        self._announce([run])
-        return run
+        return await self._runs.retrigger(run_id)
 
     async def cancel(self, run_id: str) -> Run:
         """Cancel a pending or leased run; the worker executing it stops within a heartbeat."""
-        await self._ready()
-        run, changed = await self.storage.cancel_run(run_id)
-        if changed:
-            if self._worker is not None:
-                self._worker.cancel_local(run_id)
-            self._bus.emit(RunCancelEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
-            self._run_finished(run_id, "cancelled", None, None)
-        return run
+        return await self._runs.cancel(run_id)
 
     async def delete_run(self, run_id: str) -> None:
         """Delete an ended run with its steps and logs."""
-        await self._ready()
-        run = await self.storage.delete_run(run_id)
-        self._bus.emit(RunDeleteEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
+        await self._runs.delete_run(run_id)
 
     async def purge_runs(self, older_than: timedelta | datetime, limit: int = 500) -> int:
         """Delete up to ``limit`` ended runs that ended before ``older_than``; how many."""
-        if isinstance(older_than, timedelta):
-            cutoff = _clock.to_datetime(_clock.now() - older_than.total_seconds())
-        elif isinstance(older_than, datetime):
-            if older_than.tzinfo is None:
-                raise ValidationError("older_than must be a timezone-aware datetime (or a timedelta)")
-            cutoff = older_than
-        else:
-            raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(f"limit must be a positive int, got {limit!r}")
-        await self._ready()
-        assert cutoff is not None
-        return await self.storage.purge_runs(completed_before=cutoff, limit=limit)
+        return await self._runs.purge_runs(older_than, limit)
 
 
 def create_durably(

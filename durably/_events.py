@@ -169,6 +169,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 _TYPE_NAMES: dict[type[Event], str] = {cls: name for name, cls in EVENT_TYPES.items()}
+# The event classes that carry their run's labels.
+RUN_LABELLED: frozenset[type[Event]] = frozenset(
+    cls for cls in EVENT_TYPES.values() if "labels" in cls.__struct_fields__
+)
 
 Handler: TypeAlias = Callable[[Any], Awaitable[None] | None]
 

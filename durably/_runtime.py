@@ -17,6 +17,8 @@ import structlog
 
 from durably import _clock, _codec
 from durably._events import (
+    RUN_LABELLED,
+    Event,
     EventBus,
     LogWriteEvent,
     RunCompleteEvent,
@@ -109,16 +111,7 @@ class Execution:
 
     async def execute(self) -> None:
         """Run the job to its end and store the outcome, unless stopped first."""
-        if self._bus.wants("run:start"):
-            self._bus.emit(
-                RunStartEvent,
-                run_id=self.run_id,
-                job_name=self.job_name,
-                input=self.run.input,
-                labels=self.run.labels,
-                attempt=self.run.attempt,
-                worker_id=self._worker_id,
-            )
+        self._emit(RunStartEvent, input=self.run.input, attempt=self.run.attempt, worker_id=self._worker_id)
         started = time.perf_counter()
         outcome: tuple[bytes | None, str | None, str | None] | None = None
         with anyio.CancelScope() as scope:
@@ -179,28 +172,13 @@ class Execution:
             self.stop_reason = await self.why_lease_gone()
             await self._stopped()
             return
-        if error is None:
+        if output is not None:
             self._on_finished(self.run_id, "completed", output, None)
             if self._bus.wants("run:complete"):
-                self._bus.emit(
-                    RunCompleteEvent,
-                    run_id=self.run_id,
-                    job_name=self.job_name,
-                    output=_codec.decode(output) if output is not None else None,
-                    duration=duration,
-                    labels=self.run.labels,
-                )
+                self._emit(RunCompleteEvent, output=_codec.decode(output), duration=duration)
         else:
             self._on_finished(self.run_id, "failed", None, error)
-            if self._bus.wants("run:fail"):
-                self._bus.emit(
-                    RunFailEvent,
-                    run_id=self.run_id,
-                    job_name=self.job_name,
-                    error=error,
-                    failed_step_name=failed_step,
-                    labels=self.run.labels,
-                )
+            self._emit(RunFailEvent, error=error, failed_step_name=failed_step)
 
     async def _stopped(self) -> None:
         reason = self.stop_reason or "shutdown"
@@ -261,6 +239,12 @@ class Execution:
             await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
             raise  # only if the step was already finishing
 
+    def _emit(self, event_class: type[Event], **fields: Any) -> None:
+        """Every event of this run goes out here, with its run id, job name and labels."""
+        if event_class in RUN_LABELLED:
+            fields["labels"] = self.run.labels
+        self._bus.emit(event_class, run_id=self.run_id, job_name=self.job_name, **fields)
+
     def _report(self, exc: BaseException, context: str) -> None:
         self._log.warning("storage error", context=context, error=describe(exc))
         self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=self.run_id)
@@ -288,14 +272,7 @@ class Execution:
             await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
         stored = self._stored_steps.get(name)
         if stored is not None:
-            if self._bus.wants("step:skip"):
-                self._bus.emit(
-                    StepSkipEvent,
-                    run_id=self.run_id,
-                    job_name=self.job_name,
-                    step_name=name,
-                    step_index=stored[0],
-                )
+            self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             return self._result(stored[1], type_, name)
         return await self._execute_step(name, index, fn, args, kwargs, type_)
 
@@ -308,10 +285,7 @@ class Execution:
         kwargs: dict[str, Any],
         type_: Any,
     ) -> Any:
-        if self._bus.wants("step:start"):
-            self._bus.emit(
-                StepStartEvent, run_id=self.run_id, job_name=self.job_name, step_name=name, step_index=index
-            )
+        self._emit(StepStartEvent, step_name=name, step_index=index)
         started_at = _clock.now()
         started = time.perf_counter()
         token = _current_step.set(name)
@@ -331,10 +305,8 @@ class Execution:
             await self._lease_gone()
         result = self._result(output, type_, name)
         if self._bus.wants("step:complete"):
-            self._bus.emit(
+            self._emit(
                 StepCompleteEvent,
-                run_id=self.run_id,
-                job_name=self.job_name,
                 step_name=name,
                 step_index=index,
                 output=_codec.decode(output),
@@ -351,15 +323,7 @@ class Execution:
         telemetry = self._take_telemetry()
         if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
             await self._lease_gone()
-        if self._bus.wants("step:fail"):
-            self._bus.emit(
-                StepFailEvent,
-                run_id=self.run_id,
-                job_name=self.job_name,
-                step_name=name,
-                step_index=index,
-                error=error,
-            )
+        self._emit(StepFailEvent, step_name=name, step_index=index, error=error)
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:
@@ -396,28 +360,18 @@ class Execution:
             self._loop.call_soon_threadsafe(record, value)
 
     def _record_progress(self, progress: Progress) -> None:
-        if self._bus.wants("run:progress"):
-            self._bus.emit(
-                RunProgressEvent,
-                run_id=self.run_id,
-                job_name=self.job_name,
-                progress=progress,
-                labels=self.run.labels,
-            )
+        self._emit(RunProgressEvent, progress=progress)
         self._telemetry.progress = progress
         self._telemetry_changed()
 
     def _record_log(self, entry: LogEntry) -> None:
-        if self._bus.wants("log:write"):
-            self._bus.emit(
-                LogWriteEvent,
-                run_id=self.run_id,
-                job_name=self.job_name,
-                step_name=entry.step_name,
-                level=entry.level,
-                message=entry.message,
-                data=entry.data,
-            )
+        self._emit(
+            LogWriteEvent,
+            step_name=entry.step_name,
+            level=entry.level,
+            message=entry.message,
+            data=entry.data,
+        )
         self._telemetry.logs.append(entry)
         self._telemetry_changed()
 

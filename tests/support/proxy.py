@@ -145,8 +145,8 @@ class _Conn:
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream_dir: bool) -> None:
         p = self.proxy
-        src.settimeout(_TICK)
         try:
+            src.settimeout(_TICK)  # inside: the connection may be closed already
             while not self.closed.is_set() and p._running:
                 if p._dropped.is_set():
                     time.sleep(_TICK)  # leave bytes in kernel buffers, like a stalled link

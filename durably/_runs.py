@@ -1,0 +1,266 @@
+"""The run service: triggering, waiting and the run API, apart from the instance's lifecycle.
+
+``Durably`` is a façade over this; job handles depend on it only through
+``durably._job.RunStarter``. It knows nothing of the worker: it tells the instance
+that new work may be claimable, or that a run was cancelled, through two callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from durably import _clock, _codec, _ids
+from durably._events import EventBus, RunCancelEvent, RunDeleteEvent, RunRetryEvent, RunTriggerEvent
+from durably._job import JobDefinition
+from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably._storage._protocol import RunFilter, Storage
+from durably._waiting import Outcome, Waiters
+from durably.errors import (
+    NotFoundError,
+    RunCancelledError,
+    RunFailedError,
+    ValidationError,
+)
+
+_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+
+
+def _as_tuple(
+    name: str, value: str | Sequence[str] | None, allowed: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        values: tuple[Any, ...] = (value,)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        values = tuple(value)
+    else:
+        raise ValidationError(f"{name} must be a string or a list of strings, got {value!r}")
+    for item in values:
+        if not isinstance(item, str) or (allowed is not None and item not in allowed):
+            expected = f"one of {', '.join(allowed)}" if allowed else "a string"
+            raise ValidationError(f"{name} must be {expected}, got {item!r}")
+    return values
+
+
+def _check_labels(labels: Any) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ValidationError(f"labels must be a dict of str to str, got {labels!r}")
+    return labels
+
+
+def _check_key(name: str, key: Any) -> str | None:
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValidationError(f"{name} must be a non-empty string or None, got {key!r}")
+    return key
+
+
+def _check_count(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum > 0 else "non-negative"
+        raise ValidationError(f"{name} must be a {kind} int, got {value!r}")
+    return value
+
+
+class Runs:
+    """Creates runs, waits for them, and reads and changes them on request."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        bus: EventBus,
+        definitions: Mapping[str, JobDefinition[Any, Any]],
+        *,
+        polling_interval: float,
+        ready: Callable[[], Awaitable[None]],
+        on_new_work: Callable[[], None],
+        on_cancelled: Callable[[str], None],
+    ) -> None:
+        self._storage = storage
+        self._bus = bus
+        self._definitions = definitions
+        self._ready = ready
+        self._on_new_work = on_new_work
+        self._on_cancelled = on_cancelled
+        self._waiters = Waiters(storage, bus, polling_interval=polling_interval)
+
+    # --- triggering and waiting --------------------------------------------------------
+
+    async def trigger(
+        self,
+        definition: JobDefinition[Any, Any],
+        payloads: Sequence[Any],
+        *,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> list[Run]:
+        """Validate every payload, then write the runs atomically; announce the new ones."""
+        labels = _check_labels(labels)
+        new_runs = [
+            NewRun(
+                id=_ids.new_run_id(),
+                job_name=definition.name,
+                input=_codec.canonical(
+                    payload, definition.input_type, what=f"input of job {definition.name!r}"
+                ),
+                labels=labels,
+                idempotency_key=_check_key("idempotency_key", idempotency_key),
+                concurrency_key=_check_key("concurrency_key", concurrency_key),
+            )
+            for payload in payloads
+        ]
+        if not new_runs:
+            return []
+        await self._ready()
+        runs = await self._storage.create_runs(new_runs)
+        self._announce(runs)
+        return runs
+
+    def _announce(self, runs: Sequence[Run]) -> None:
+        for run in runs:
+            if run.disposition == "created" and self._bus.wants("run:trigger"):
+                self._bus.emit(
+                    RunTriggerEvent, run_id=run.id, job_name=run.job_name, input=run.input, labels=run.labels
+                )
+        if any(run.job_name in self._definitions for run in runs):
+            self._on_new_work()
+
+    async def result(
+        self,
+        definition: JobDefinition[Any, Any],
+        run: Run,
+        *,
+        timeout: float | None,
+        on_progress: Callable[[Progress], Any] | None,
+        on_log: Callable[[LogEntry], Any] | None,
+    ) -> RunResult[Any]:
+        """The output of ``run`` once it completed; raises if it failed or was cancelled."""
+        outcome = await self._waiters.wait(run, timeout=timeout, on_progress=on_progress, on_log=on_log)
+        if outcome.status == "failed":
+            raise RunFailedError(run.id, outcome.error)
+        if outcome.status == "cancelled":
+            raise RunCancelledError(run.id)
+        data = outcome.output if outcome.output is not None else b"null"
+        try:
+            output = _codec.decode_as(data, definition.output_type)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(
+                f"output of run {run.id} does not fit {definition.output_type!r}: {exc}"
+            ) from exc
+        return RunResult(id=run.id, output=output, disposition=run.disposition or "created")
+
+    async def wait_for_run(self, run_id: str, timeout: float | None = None) -> Run:
+        """The run once it is completed, failed or cancelled; ``TimeoutError`` after ``timeout``."""
+        run = await self._require(run_id)
+        await self._waiters.wait(run, timeout=timeout)
+        return await self._require(run_id)
+
+    def finished(self, run_id: str, status: str, output: bytes | None, error: str | None) -> None:
+        """A run executed or cancelled by this process ended: wake whoever waits for it."""
+        self._waiters.finished(run_id, Outcome(status, output, error))
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _require(self, run_id: str) -> Run:
+        await self._ready()
+        run = await self._storage.get_run(run_id)
+        if run is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return run
+
+    async def get_run(self, run_id: str) -> Run | None:
+        await self._ready()
+        return await self._storage.get_run(run_id)
+
+    async def get_runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        job_name: str | Sequence[str] | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Run]:
+        run_filter = RunFilter(
+            statuses=_as_tuple("status", status, _STATUSES),
+            job_names=_as_tuple("job_name", job_name),
+            labels=_check_labels(labels),
+            limit=_check_count("limit", limit, minimum=1),
+            offset=_check_count("offset", offset, minimum=0),
+        )
+        await self._ready()
+        return await self._storage.get_runs(run_filter)
+
+    async def get_steps(self, run_id: str) -> list[Step]:
+        await self._ready()
+        return await self._storage.get_steps(run_id)
+
+    async def get_logs(self, run_id: str) -> list[LogEntry]:
+        await self._ready()
+        return await self._storage.get_logs(run_id)
+
+    # --- changing ----------------------------------------------------------------------------
+
+    async def retry(self, run_id: str) -> Run:
+        await self._ready()
+        run = await self._storage.retry_run(run_id)
+        self._bus.emit(
+            RunRetryEvent, run_id=run.id, job_name=run.job_name, attempt=run.attempt, labels=run.labels
+        )
+        if run.job_name in self._definitions:
+            self._on_new_work()
+        return run
+
+    async def retrigger(self, run_id: str) -> Run:
+        old = await self._require(run_id)
+        [run] = await self._storage.create_runs(
+            [
+                NewRun(
+                    id=_ids.new_run_id(),
+                    job_name=old.job_name,
+                    input=_codec.encode(old.input),
+                    labels=old.labels,
+                    idempotency_key=None,
+                    concurrency_key=old.concurrency_key,
+                )
+            ]
+        )
+        self._announce([run])
+        return run
+
+    async def cancel(self, run_id: str) -> Run:
+        await self._ready()
+        run, changed = await self._storage.cancel_run(run_id)
+        if changed:
+            self._on_cancelled(run_id)
+            self._bus.emit(RunCancelEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
+            self.finished(run_id, "cancelled", None, None)
+        return run
+
+    async def delete_run(self, run_id: str) -> None:
+        await self._ready()
+        run = await self._storage.delete_run(run_id)
+        self._bus.emit(RunDeleteEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
+
+    async def purge_runs(self, older_than: timedelta | datetime, limit: int = 500) -> int:
+        if isinstance(older_than, timedelta):
+            cutoff = _clock.to_datetime(_clock.now() - older_than.total_seconds())
+        elif isinstance(older_than, datetime):
+            if older_than.tzinfo is None:
+                raise ValidationError("older_than must be a timezone-aware datetime (or a timedelta)")
+            cutoff = older_than
+        else:
+            raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
+        _check_count("limit", limit, minimum=1)
+        await self._ready()
+        assert cutoff is not None
+        return await self._storage.purge_runs(completed_before=cutoff, limit=limit)
