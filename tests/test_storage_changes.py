@@ -1,7 +1,8 @@
-"""``get_run_changes`` and keyset pagination, on every adapter; the upgrade to schema v2."""
+"""``get_run_changes`` and keyset pagination, on every adapter; the upgrade of 0.1.0's database to v2."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from durably._ids import new_run_id
 from durably._models import LogEntry, NewRun, Progress
 from durably._storage import _queries as q
 from durably._storage._protocol import Lease, RunFilter, StepRecord, Storage, Telemetry
-from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
+from durably._storage._schema import LATEST_VERSION, MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -115,44 +116,51 @@ def test_the_change_query_is_an_index_seek(tmp_path: Path) -> None:
         assert plan.startswith("SEARCH durably_runs USING") and "durably_runs_change" in plan, plan
 
 
-def _write_v1_database(path: Path) -> None:
-    """A database as the previous release left it: schema v1 with a run, a step, a log line."""
+RELEASE_DB = Path(__file__).parent / "fixtures" / "durably-0.1.0.db"
+
+
+def _dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row durably 0.1.0 wrote, in the columns it knew."""
     conn = sqlite3.connect(path)
     try:
-        conn.execute(CREATE_VERSION_TABLE)
-        for sql in MIGRATIONS[0]:
-            conn.execute(sql)
-        conn.execute("INSERT INTO durably_schema_versions VALUES (1, 0)")
-        conn.execute(
-            "INSERT INTO durably_runs (id, job_name, status, input, output, labels, created_at, completed_at)"
-            " VALUES ('r1', 'job-a', 'completed', '{\"n\":1}', '2', '{\"k\":\"v\"}', 1.0, 2.0)"
-        )
-        conn.execute("INSERT INTO durably_labels VALUES ('k', 'v', 1)")
-        conn.execute("INSERT INTO durably_steps VALUES ('r1', 's', 0, 'completed', '1', NULL, 1.0, 1.5)")
-        conn.execute("INSERT INTO durably_logs VALUES (1, 'r1', 's', 'info', 'hello', '{}', 1.2)")
-        conn.commit()
+        columns = [
+            row[1] for row in conn.execute("PRAGMA table_info(durably_runs)") if row[1] != "change_seq"
+        ]
+        return {
+            "runs": conn.execute(f"SELECT {', '.join(columns)} FROM durably_runs ORDER BY seq").fetchall(),
+            "steps": conn.execute("SELECT * FROM durably_steps ORDER BY run_id, name").fetchall(),
+            "logs": conn.execute("SELECT * FROM durably_logs ORDER BY seq").fetchall(),
+            "labels": conn.execute("SELECT * FROM durably_labels ORDER BY run_seq, key").fetchall(),
+        }
     finally:
         conn.close()
 
 
-async def test_a_v1_database_upgrades_keeping_runs_steps_and_logs(tmp_path: Path) -> None:
-    path = tmp_path / "v1.db"
-    _write_v1_database(path)
+async def test_the_released_v1_database_upgrades_keeping_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "release.db"
+    shutil.copy(RELEASE_DB, path)
+    before = _dump(path)
+    assert len(before["runs"]) == 5 and before["steps"] and before["logs"] and before["labels"]
     storage = open_storage(f"file:{path}")
     try:
         await storage.migrate()
-        run = await storage.get_run("r1")
-        assert run is not None
-        assert (run.status, run.input, run.output, run.labels) == ("completed", {"n": 1}, 2, {"k": "v"})
-        assert [(s.name, s.output) for s in await storage.get_steps("r1")] == [("s", 1)]
-        assert [log.message for log in await storage.get_logs("r1")] == ["hello"]
-        assert [r.id for r in await storage.get_runs(RunFilter(labels={"k": "v"}))] == ["r1"]
-        # Old runs join the change feed behind the cursor of an empty start.
-        assert [r.id for r in (await storage.get_run_changes(0, limit=10)).runs] == ["r1"]
+        assert _dump(path) == before
+        runs = {run.id: run for run in await storage.get_runs(RunFilter())}
+        assert sorted(run.status for run in runs.values()) == [
+            "cancelled",
+            "completed",
+            "completed",
+            "failed",
+            "pending",
+        ]
+        for run_id in runs:
+            await storage.get_steps(run_id)  # every stored row still decodes
+            await storage.get_logs(run_id)
+        # Old runs sit behind the cursor of an empty start; new changes come after them.
+        old = await storage.get_run_changes(0, limit=10)
+        assert sorted(run.id for run in old.runs) == sorted(runs)
         [new] = await storage.create_runs([_new()])
-        cursor = (await storage.get_run_changes(0, limit=10)).cursor
-        assert [r.id for r in (await storage.get_run_changes(1, limit=10)).runs] == [new.id]
-        assert cursor == 2
+        assert [r.id for r in (await storage.get_run_changes(old.cursor, limit=10)).runs] == [new.id]
     finally:
         await storage.close()
     conn = sqlite3.connect(path)
