@@ -10,6 +10,10 @@ Thread based (no asyncio), all threads are daemons with bounded waits.
     proxy.drop()               # blackhole: stop moving bytes, hold new connections
     proxy.heal()               # back to normal; held bytes/connections flow again
     proxy.reset()              # RST every current connection (SO_LINGER 0)
+    proxy.answer_with(raw)     # answer each request with these raw bytes, then close;
+                               # only requests whose path starts with ``paths=`` if given
+    proxy.lose_answers(n)      # the next n answers: the server did the work, the client gets
+                               # the connection closed instead of the answer
     proxy.stop()
 """
 
@@ -119,7 +123,23 @@ class _Conn:
         self.client = client
         self.upstream: socket.socket | None = None
         self.closed = threading.Event()
-        self.counter = _HttpCounter(proxy._on_request)
+        self.counter = _HttpCounter(self._on_request)
+        self.canned: bytes | None = None  # the answer to the request being read, not forwarded
+
+    def _on_request(self, method: str, path: str, upgrade: bool) -> None:
+        self.proxy._on_request(method, path, upgrade)
+        raw, paths = self.proxy._canned
+        if raw is not None and (paths is None or path.startswith(paths)):
+            self.canned = raw
+
+    def _answer_canned(self) -> None:
+        """Send the canned answer once the request is read in full, then close."""
+        if self.canned is None or self.counter._state != "head":
+            return
+        with contextlib.suppress(OSError):
+            self.client.sendall(self.canned)
+            self.client.shutdown(socket.SHUT_WR)
+        self.close()
 
     def run(self) -> None:
         p = self.proxy
@@ -145,8 +165,8 @@ class _Conn:
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream_dir: bool) -> None:
         p = self.proxy
-        src.settimeout(_TICK)
         try:
+            src.settimeout(_TICK)  # inside: the connection may be closed already
             while not self.closed.is_set() and p._running:
                 if p._dropped.is_set():
                     time.sleep(_TICK)  # leave bytes in kernel buffers, like a stalled link
@@ -163,8 +183,16 @@ class _Conn:
                 if upstream_dir:
                     p.bytes_up += len(data)
                     self.counter.feed(data)
+                    if self.canned is not None:
+                        self._answer_canned()
+                        continue
                 else:
                     p.bytes_down += len(data)
+                    if p._take_lost_answer():
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(socket.SHUT_RDWR)
+                        self.close()
+                        return
                 d = p._delay
                 if d > 0:
                     time.sleep(d)
@@ -198,6 +226,8 @@ class TcpProxy:
         self._running = False
         self._dropped = threading.Event()
         self._delay = 0.0
+        self._canned: tuple[bytes | None, str | None] = (None, None)
+        self._lost_answers = 0
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._accept_thread: threading.Thread | None = None
@@ -272,10 +302,25 @@ class TcpProxy:
         for c in conns:
             c.close(rst=True)
 
+    def answer_with(self, raw: bytes | None, *, paths: str | None = None) -> None:
+        """Answer each request (whose path starts with ``paths``) with ``raw``, then close.
+
+        The request never reaches the server. ``None`` forwards requests again.
+        """
+        self._canned = (raw, paths)
+
+    def lose_answers(self, count: int = 1) -> None:
+        """The next ``count`` answers are lost: the connection closes as the server answers."""
+        with self._lock:
+            self._lost_answers = count
+
     def heal(self) -> None:
-        """Clear delay and drop."""
+        """Clear delay, drop, canned answers and lost answers."""
         self._delay = 0.0
         self._dropped.clear()
+        self._canned = (None, None)
+        with self._lock:
+            self._lost_answers = 0
 
     # -- counters -----------------------------------------------------------------
     @property
@@ -298,6 +343,13 @@ class TcpProxy:
             if upgrade:
                 self.ws_upgrades += 1
             self.request_log.append((method, path))
+
+    def _take_lost_answer(self) -> bool:
+        with self._lock:
+            if self._lost_answers <= 0:
+                return False
+            self._lost_answers -= 1
+            return True
 
     def _forget(self, conn: _Conn) -> None:
         with self._lock:
