@@ -372,3 +372,84 @@ class TcpProxy:
                 self.connections_accepted += 1
                 self._conns.add(conn)
             threading.Thread(target=conn.run, daemon=True).start()
+
+
+class ProxyProcess:
+    """A ``TcpProxy`` in a child process, driven by method name over its stdin.
+
+    For traffic from code that holds the GIL while it waits on the network (libsql's
+    replica sync): an in-process proxy thread could never forward it.
+
+        with ProxyProcess("127.0.0.1", sqld.port) as proxy:
+            proxy.call("answer_with", b"HTTP/1.1 503 ...", paths="/wal_log")
+            proxy.request_log()   # [(method, path), ...]
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.proxy", target_host, str(target_port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.port = int(self._read())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> str:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the proxy process ended")
+        return line.decode().strip()
+
+    def call(self, method: str, *args: object, **kwargs: object) -> object:
+        """Call ``TcpProxy.<method>`` in the child; its result (for plain values)."""
+        import pickle
+
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(pickle.dumps((method, args, kwargs)).hex().encode() + b"\n")
+        self._proc.stdin.flush()
+        return pickle.loads(bytes.fromhex(self._read()))
+
+    def request_log(self) -> list[tuple[str, str]]:
+        return self.call("_log")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(5)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_commands(host: str, port: int) -> None:
+    import pickle
+    import sys
+
+    proxy = TcpProxy(host, port).start()
+    proxy._log = lambda: list(proxy.request_log)  # type: ignore[attr-defined]
+    print(proxy.port, flush=True)
+    for line in sys.stdin:  # ends when the parent closes stdin (or dies)
+        method, args, kwargs = pickle.loads(bytes.fromhex(line.strip()))
+        result = getattr(proxy, method)(*args, **kwargs)
+        print(pickle.dumps(result).hex(), flush=True)
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve_commands(sys.argv[1], int(sys.argv[2]))
