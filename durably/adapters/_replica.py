@@ -43,6 +43,7 @@ class _Behind(Exception):
     """The replica could not sync this process's own writes: the primary answers instead."""
 
 
+_JOIN_SECONDS = 30.0  # a failing sync takes ~3 s; a first sync of a big log up to ~13 s
 _PERIODIC = object()  # the replica thread woke up to sync on schedule
 _STOP = None
 
@@ -121,7 +122,9 @@ class ReplicaDriver:
         if thread is not None:
             self._queue.put(_STOP)
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(thread.join)
+                await anyio.to_thread.run_sync(thread.join, _JOIN_SECONDS)
+            if thread.is_alive():  # stuck in libsql; a daemon thread, it cannot hold the process
+                _logger.warning("replica thread did not stop", url=self.url, waited=_JOIN_SECONDS)
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
