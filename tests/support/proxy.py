@@ -161,6 +161,9 @@ class _Conn:
             t.join(2)
         finally:
             self.close()
+            if self.upstream is not None:  # connected after a concurrent close(): still closed
+                with contextlib.suppress(OSError):
+                    self.upstream.close()
             p._forget(self)
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream_dir: bool) -> None:
