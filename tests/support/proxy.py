@@ -392,10 +392,13 @@ class ProxyProcess:
         import subprocess
         import sys
 
+        from pathlib import Path
+
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.proxy", target_host, str(target_port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],  # where ``tests`` is a package
         )
         self.port = int(self._read())
         self.url = f"http://127.0.0.1:{self.port}"
