@@ -117,18 +117,7 @@ async def test_a_lease_ending_write_resent_after_a_lost_answer_is_not_a_lost_lea
     storage = open_storage(proxy.url)
     try:
         await storage.migrate()
-        [run] = await storage.create_runs(
-            [
-                NewRun(
-                    id=new_run_id(),
-                    job_name="echo",
-                    input=b"{}",
-                    labels={},
-                    idempotency_key=None,
-                    concurrency_key=None,
-                )
-            ]
-        )
+        [run] = await storage.create_runs([_new_run()])
         [claimed] = await storage.claim_runs(worker_id="w1", job_names=["echo"], limit=1, lease_seconds=30)
         lease = Lease(claimed.run.id, claimed.lease_generation)
         proxy.lose_answers(1)
@@ -237,6 +226,42 @@ async def test_a_garbled_answer_fails_every_waiting_caller_as_transient(
             assert await storage.get_run("a") is None  # the same storage goes on working
     finally:
         await storage.close()
+
+
+def _batch(step_results: bytes, step_errors: bytes) -> bytes:
+    result = b'{"step_results":' + step_results + b',"step_errors":' + step_errors + b"}"
+    batch = b'{"type":"ok","response":{"type":"batch","result":' + result + b"}}"
+    return _http("200 OK", b'{"baton":null,"results":[' + batch + b"," + _CLOSE + b"]}")
+
+
+_EMPTY = b'{"cols":[],"rows":[]}'
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _batch(b"[" + _EMPTY + b"]", b"[null]"),  # fewer steps than sent
+        _batch(b"[" + b",".join([_EMPTY, b"null", _EMPTY, b"null"]) + b"]", b"[null,null,null,null]"),
+        _batch(b"[]", b"[]"),
+    ],
+    ids=["too-few-steps", "a-step-without-result", "no-steps"],
+)
+async def test_a_garbled_answer_to_a_write_is_transient(proxy: TcpProxy, answer: bytes) -> None:
+    storage = open_storage(proxy.url)
+    try:
+        await storage.migrate()
+        proxy.answer_with(answer)
+        with anyio.fail_after(10), pytest.raises(StorageError, match="garbled answer") as caught:
+            await storage.create_runs([_new_run()])
+        assert caught.value.transient
+    finally:
+        await storage.close()
+
+
+def _new_run() -> NewRun:
+    return NewRun(
+        id=new_run_id(), job_name="echo", input=b"{}", labels={}, idempotency_key=None, concurrency_key=None
+    )
 
 
 # --- configuration that cannot work ------------------------------------------------------------

@@ -391,7 +391,6 @@ class ProxyProcess:
     def __init__(self, target_host: str, target_port: int) -> None:
         import subprocess
         import sys
-
         from pathlib import Path
 
         self._proc = subprocess.Popen(
