@@ -111,9 +111,12 @@ class ReplicaDriver:
             return await self._primary.read(sql, params)
 
     async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
-        rows = await self._primary.write(statements)
-        self._shared.writes += 1  # the next read syncs first, so it sees this write
-        return rows
+        try:
+            return await self._primary.write(statements)
+        finally:
+            # The next read syncs first, so it sees this write: also one that failed, since
+            # a write whose answer was lost (a timeout) may have landed all the same.
+            self._shared.writes += 1
 
     async def close(self) -> None:
         """Close the primary's connections and the replica; a later use opens them again."""
