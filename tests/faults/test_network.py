@@ -64,9 +64,8 @@ async def _under_load(
     assert injected > 0
     assert unfinished_after_faults != 0, "the workload ended before the faults did: they hit nothing"
     ledger.check(rerun_bound=injected * SLOTS)
-    # TODO(lead): once the fix for issue 7 item 1 (a re-sent completion read as a lost lease)
-    # is merged, assert ledger.completion_unreported == 0 here: today connection resets leave
-    # a few runs completed without their run:complete event, too few for a strict xfail.
+    # A completion re-sent after a reset is read as done, not as a lost lease.
+    assert ledger.completion_unreported == 0
     return ledger
 
 
@@ -129,11 +128,6 @@ async def test_a_faulty_network_between_workers_and_sqld_loses_no_run(
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7 item 4: no network call may wait longer than the lease (the remote timeout is"
-    " 10 s; the Hrana hang fix bounds it)",
-)
 async def test_a_blackhole_longer_than_the_lease_is_reported_by_every_worker(
     sqld: SqldServer, tmp_path: Path, fault_report: Report
 ) -> None:
