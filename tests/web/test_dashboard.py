@@ -287,4 +287,5 @@ async def test_readable_at_390px_and_usable_from_the_keyboard(
     assert await page.evaluate("document.activeElement.getAttribute('href')") == "#/trigger"
     await page.keyboard.press("Enter")
     await page.wait_for_selector("form.form")
+    assert await page.evaluate("document.activeElement.id") == "main"  # focus moved to the new view
     await _shot(page, "trigger-390")

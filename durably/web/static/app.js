@@ -453,5 +453,6 @@ async function route() {
   }
 }
 
-window.addEventListener("hashchange", route);
+// After a navigation, keyboard and screen-reader users start at the new view's content.
+window.addEventListener("hashchange", () => route().then(() => main.focus({ preventScroll: true })));
 route();
