@@ -6,14 +6,18 @@ worker that writes all the time never leaves a PASSIVE checkpoint that moment,
 so the log grew without bound (192 MB beside a 2.3 MB database after 5,000
 runs). The database thread therefore checkpoints PASSIVE as a rule (it never
 waits) and TRUNCATE (it waits briefly for writers and readers, then empties the
-file) when the log passes ``WAL_BOUND``, after a write found the disk full, or
-after several failed checkpoints in a row. Every outcome is checked; failures
-are logged and counted, never left in an unread future.
+file) when the log passes ``WAL_BOUND``, when it could take the space that
+copying it back needs (a log may grow the database by up to its own size, so a
+log that ate the disk could never be checkpointed again), after a write found
+the disk full, or after several failed checkpoints in a row. Every outcome is
+checked; failures are logged and counted, never left in an unread future.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +54,17 @@ class Checkpointer:
         except OSError:
             return 0
 
+    def free_bytes(self) -> int:
+        try:
+            disk = os.statvfs(self._wal_path.parent)
+        except OSError:
+            return sys.maxsize
+        return disk.f_bavail * disk.f_frsize
+
+    def at_risk(self) -> bool:
+        """Whether the log could soon hold the space that checkpointing it needs."""
+        return self.wal_bytes() * 2 > self.free_bytes()
+
     def run(self, conn: sqlite3.Connection) -> None:
         """One checkpoint, outside any transaction; a failure is reported here, not raised."""
         self.wanted = False
@@ -79,6 +94,7 @@ class Checkpointer:
             self.truncate
             or self.failures_in_a_row >= FAILURES_BEFORE_TRUNCATE
             or self.wal_bytes() > WAL_BOUND
+            or self.at_risk()
         ):
             return "TRUNCATE"
         return "PASSIVE"

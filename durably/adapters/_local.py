@@ -31,6 +31,7 @@ from durably.errors import ConfigurationError, StorageError
 _MAX_GROUP = 128
 _BUSY_TIMEOUT_MS = 10_000
 _CHECKPOINT_EVERY = 500  # writes on one connection between checkpoints
+_RISK_EVERY = 50  # writes between looks at whether the log could fill the disk
 # Worth trying again: another writer, a full disk (space may be freed), a -shm that could not grow.
 _TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL}
 
@@ -188,10 +189,16 @@ class LocalFileDriver:
             if self._no_wait is None and isinstance(exc, sqlite3.Error) and _is_busy(exc):
                 return None  # not in WAL mode yet, or another connection is switching it
             raise self._error(exc) from exc
-        if write and self._no_wait.writes >= _CHECKPOINT_EVERY:
+        if write and self._checkpoint_due(self._no_wait.writes):
             self._no_wait.writes = 0
             self._request_checkpoint()
         return rows
+
+    def _checkpoint_due(self, writes: int) -> bool:
+        """After this many writes on one connection, whether to ask for a checkpoint."""
+        if writes >= _CHECKPOINT_EVERY:
+            return True
+        return writes > 0 and writes % _RISK_EVERY == 0 and self.checkpointer.at_risk()
 
     def _request_checkpoint(self) -> None:
         """Have the database thread checkpoint, between groups; nobody waits for it."""
@@ -277,7 +284,7 @@ class LocalFileDriver:
                     error = self._error(exc, on_thread=True)
                     answers = [(job.future, error) for job in jobs]
                 self._answer(jobs, answers)
-            if writes >= _CHECKPOINT_EVERY:
+            if self._checkpoint_due(writes):
                 writes = 0
                 self.checkpointer.wanted = True
             if conn is not None and self._no_wait_possible and self.checkpointer.wanted:
