@@ -7,6 +7,8 @@ import contextlib
 import random
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from structlog.testing import capture_logs
 from durably import ConfigurationError, StepContext, StorageError, create_durably, define_job, open_storage
 from durably._storage._driver import Statement
 from durably._storage._protocol import Storage
+from durably._storage._schema import LATEST_VERSION
 from durably.adapters import LocalFileStorage
 from durably.adapters._checkpoint import WAL_BOUND
 from durably.adapters._local import LocalFileDriver
@@ -305,3 +308,90 @@ def test_local_urls_name_the_file_a_reader_expects(url: str, expected: str) -> N
 def test_a_file_url_naming_another_host_is_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"host 'example\.com'"):
         open_storage("file://example.com/srv/d.db")
+
+
+# --- migrating from many processes at once ---------------------------------------------------
+
+_MIGRATE = """
+import asyncio, sys, time
+from durably import open_storage
+
+async def main(url: str, start_at: float) -> None:
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    stores = [open_storage(url) for _ in range(3)]  # several instances in this process too
+    try:
+        await asyncio.gather(*(store.migrate() for store in stores))
+    finally:
+        for store in stores:
+            await store.close()
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+def _versions(path: Path) -> list[tuple[int, int]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT version, COUNT(*) FROM durably_schema_versions GROUP BY version ORDER BY version"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def _migrate_together(path: Path, processes: int) -> list[subprocess.CompletedProcess[str]]:
+    start_at = str(time.time() + 1.0)  # after every child has imported durably
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MIGRATE, f"file:{path}", start_at],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    for child in children:
+        _, stderr = child.communicate(timeout=90)
+        results.append(subprocess.CompletedProcess(child.args, child.returncode, "", stderr))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_six_processes_migrate_one_fresh_file_together_on_a_busy_machine(tmp_path: Path) -> None:
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for round_ in range(3):
+            path = tmp_path / f"fresh-{round_}.db"
+            results = _migrate_together(path, 6)
+            failed = [result.stderr for result in results if result.returncode != 0]
+            assert failed == [], f"round {round_}: {failed[0][-2000:]}"
+            assert _versions(path) == [(version, 1) for version in range(1, LATEST_VERSION + 1)]
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_migrate_waits_for_a_writer_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "durably.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = WAL")
+    other.execute("BEGIN IMMEDIATE")  # another process writing for 11 s, past SQLite's 10 s wait
+    storage = open_storage(f"file:{path}")
+
+    async def release() -> None:
+        await anyio.sleep(11)
+        other.execute("COMMIT")
+
+    try:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(release)
+            await storage.migrate()
+    finally:
+        other.close()
+        await storage.close()
+    assert _versions(path) == [(version, 1) for version in range(1, LATEST_VERSION + 1)]
