@@ -202,6 +202,8 @@ class LocalFileDriver:
 
     def _request_checkpoint(self) -> None:
         """Have the database thread checkpoint, between groups; nobody waits for it."""
+        if self.checkpointer.wanted:
+            return  # already asked: one checkpoint answers every request made before it
         self.checkpointer.wanted = True
         self._start_thread()
         self._queue.put([])
@@ -238,6 +240,7 @@ class LocalFileDriver:
             self._queue.put(None)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
+        self.checkpointer.wanted = False  # a request the thread did not see dies with it
 
     # --- on the database thread -------------------------------------------------
 
