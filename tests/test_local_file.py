@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import re
 import sqlite3
@@ -139,7 +140,9 @@ async def _wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> N
             await anyio.sleep(0.02)
 
 
-async def test_a_failed_checkpoint_is_reported_counted_and_retried(tmp_path: Path) -> None:
+async def test_a_failed_checkpoint_is_reported_counted_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "durably.db"
     driver = LocalFileDriver(str(path))
     blob = b"x" * 40_000
@@ -160,6 +163,8 @@ async def test_a_failed_checkpoint_is_reported_counted_and_retried(tmp_path: Pat
     finally:
         reader.close()
         await driver.close()
+    gc.collect()  # an unread future holding the failure would be reported now
+    assert [r for r in caplog.records if "never retrieved" in r.getMessage()] == []
     failed = [log for log in logs if log["event"] == "wal checkpoint failed"]
     assert failed[0]["mode"] == "TRUNCATE"
     assert "blocked by another connection" in failed[0]["error"]

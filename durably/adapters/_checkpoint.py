@@ -28,6 +28,8 @@ WAL_BOUND = 16 * 1024 * 1024  # a longer log is truncated, waiting for the other
 FAILURES_BEFORE_TRUNCATE = 3
 _TRUNCATE_WAIT_MS = 2_000  # the database thread's other work waits meanwhile
 
+_BLOCKED = "blocked by another connection"
+
 _logger = structlog.get_logger("durably")
 
 Mode = Literal["PASSIVE", "TRUNCATE"]
@@ -43,8 +45,12 @@ class Checkpointer:
         # Set from any thread; the database thread checkpoints when it sees them.
         self.wanted = False
         self.truncate = False
+        # While set, writes queue behind the checkpoint instead of racing it for the lock.
+        self.hold_writes = False
         self.failures_in_a_row = 0
         self.failed = 0
+        self.skipped = 0
+        self._warned = False
         self.succeeded = 0
         self.truncated = 0
 
@@ -65,37 +71,45 @@ class Checkpointer:
         """Whether the log could soon hold the space that checkpointing it needs."""
         return self.wal_bytes() * 2 > self.free_bytes()
 
+    def must_truncate(self) -> bool:
+        return self.truncate or self.wal_bytes() > WAL_BOUND
+
     def run(self, conn: sqlite3.Connection) -> None:
         """One checkpoint, outside any transaction; a failure is reported here, not raised."""
         self.wanted = False
         mode = self._mode()
-        error = self._checkpoint(conn, mode)
+        try:
+            error = self._checkpoint(conn, mode)
+        finally:
+            self.hold_writes = False
         log = _logger.bind(url=self.url, mode=mode)
-        if error is not None:
-            self.failed += 1
-            self.failures_in_a_row += 1
-            log.warning(
-                "wal checkpoint failed",
-                error=error,
-                failures_in_a_row=self.failures_in_a_row,
-                wal_bytes=self.wal_bytes(),
-            )
+        if error is None:
+            if self._warned:
+                log.info("wal checkpoint succeeded again", after_failures=self.failures_in_a_row)
+                self._warned = False
+            self.succeeded += 1
+            self.failures_in_a_row = 0
+            if mode == "TRUNCATE":
+                self.truncated += 1
+                self.truncate = False
             return
-        if self.failures_in_a_row:
-            log.info("wal checkpoint succeeded again", after_failures=self.failures_in_a_row)
-        self.succeeded += 1
-        self.failures_in_a_row = 0
-        if mode == "TRUNCATE":
-            self.truncated += 1
-            self.truncate = False
+        self.failures_in_a_row += 1  # enough of them in a row and the next one truncates
+        if mode == "PASSIVE" and error == _BLOCKED:
+            # A commit in another connection was rewriting the log's header: routine, not a fault.
+            self.skipped += 1
+            log.debug("wal checkpoint skipped", reason=error, failures_in_a_row=self.failures_in_a_row)
+            return
+        self.failed += 1
+        self._warned = True
+        log.warning(
+            "wal checkpoint failed",
+            error=error,
+            failures_in_a_row=self.failures_in_a_row,
+            wal_bytes=self.wal_bytes(),
+        )
 
     def _mode(self) -> Mode:
-        if (
-            self.truncate
-            or self.failures_in_a_row >= FAILURES_BEFORE_TRUNCATE
-            or self.wal_bytes() > WAL_BOUND
-            or self.at_risk()
-        ):
+        if self.must_truncate() or self.failures_in_a_row >= FAILURES_BEFORE_TRUNCATE or self.at_risk():
             return "TRUNCATE"
         return "PASSIVE"
 
@@ -109,6 +123,6 @@ class Checkpointer:
             return f"{type(exc).__name__}: {exc}"
         finally:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-        if busy:  # only a TRUNCATE waits, and it gave up: a writer or reader held on too long
-            return f"blocked by another connection ({copied} of {frames} log frames copied)"
+        if busy:  # another connection held on longer than this checkpoint would wait
+            return _BLOCKED if frames < 0 else f"{_BLOCKED} ({copied} of {frames} log frames copied)"
         return None

@@ -177,8 +177,8 @@ class LocalFileDriver:
     def _without_waiting(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]] | None:
         if self._loop_thread is None:
             self._loop_thread = threading.get_ident()
-        elif self._loop_thread != threading.get_ident():
-            return None  # a second event loop in another thread: use the database thread
+        elif self._loop_thread != threading.get_ident() or (write and self.checkpointer.hold_writes):
+            return None  # a second event loop in another thread, or a checkpoint first: the thread
         try:
             if self._no_wait is None:
                 self._no_wait = _NoWaitConnection(self._path)
@@ -200,13 +200,16 @@ class LocalFileDriver:
             return True
         return writes > 0 and writes % _RISK_EVERY == 0 and self.checkpointer.at_risk()
 
-    def _request_checkpoint(self) -> None:
+    def _request_checkpoint(self, *, on_thread: bool = False) -> None:
         """Have the database thread checkpoint, between groups; nobody waits for it."""
         if self.checkpointer.wanted:
             return  # already asked: one checkpoint answers every request made before it
+        if self.checkpointer.must_truncate():
+            self.checkpointer.hold_writes = True  # a continuous writer would starve a TRUNCATE
         self.checkpointer.wanted = True
-        self._start_thread()
-        self._queue.put([])
+        if not on_thread:
+            self._start_thread()
+            self._queue.put([])  # wakes the thread
 
     def _start_thread(self) -> None:
         if self._thread is None:
@@ -289,7 +292,7 @@ class LocalFileDriver:
                 self._answer(jobs, answers)
             if self._checkpoint_due(writes):
                 writes = 0
-                self.checkpointer.wanted = True
+                self._request_checkpoint(on_thread=True)
             if conn is not None and self._no_wait_possible and self.checkpointer.wanted:
                 self.checkpointer.run(conn)  # never inside a transaction; reports its own failures
         if conn is not None:
@@ -327,10 +330,7 @@ class LocalFileDriver:
         if _is_full(exc):
             # Truncating the write-ahead log is what gives the space back.
             self.checkpointer.truncate = True
-            if on_thread:
-                self.checkpointer.wanted = True
-            else:
-                self._request_checkpoint()
+            self._request_checkpoint(on_thread=on_thread)
         error = StorageError(f"{self.url}: {exc}", transient=_is_transient(exc))
         error.__cause__ = exc
         return error
