@@ -78,6 +78,11 @@ class Checkpointer:
         """One checkpoint, outside any transaction; a failure is reported here, not raised."""
         self.wanted = False
         mode = self._mode()
+        if mode == "TRUNCATE":
+            # Copy back what can be copied while writes go on; then hold them (a continuous
+            # writer would starve the TRUNCATE), which leaves it only the latest frames to copy.
+            self._checkpoint(conn, "PASSIVE")
+            self.hold_writes = True
         try:
             error = self._checkpoint(conn, mode)
         finally:
