@@ -26,7 +26,7 @@ from durably._storage._driver import Statement
 from durably._storage._protocol import Storage
 from durably._storage._schema import LATEST_VERSION
 from durably.adapters import LocalFileStorage
-from durably.adapters._checkpoint import WAL_BOUND
+from durably.adapters._checkpoint import WAL_BOUND, Checkpointer
 from durably.adapters._local import LocalFileDriver
 
 from .jobs import echo
@@ -400,3 +400,15 @@ async def test_migrate_waits_for_a_writer_longer_than_the_busy_timeout(tmp_path:
         other.close()
         await storage.close()
     assert _versions(path) == [(version, 1) for version in range(1, LATEST_VERSION + 1)]
+
+
+def test_a_checkpoint_never_raises_into_the_database_thread(tmp_path: Path) -> None:
+    checkpointer = Checkpointer("file:x.db", str(tmp_path / "x.db-wal"), busy_timeout_ms=100)
+    closed = sqlite3.connect(tmp_path / "x.db")
+    closed.close()
+    with capture_logs() as logs:
+        checkpointer.run(closed)  # a database error: reported
+        checkpointer.run(None)  # type: ignore[arg-type]  # anything else: reported too
+    assert [log["event"] for log in logs] == ["wal checkpoint failed", "wal checkpoint crashed"]
+    assert "closed database" in logs[0]["error"]
+    assert checkpointer.failed == 2

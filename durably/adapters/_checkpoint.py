@@ -75,7 +75,14 @@ class Checkpointer:
         return self.truncate or self.wal_bytes() > WAL_BOUND
 
     def run(self, conn: sqlite3.Connection) -> None:
-        """One checkpoint, outside any transaction; a failure is reported here, not raised."""
+        """One checkpoint, outside any transaction; a failure is reported here, never raised."""
+        try:
+            self._run(conn)
+        except Exception:  # the database thread must go on serving, whatever happened here
+            self.failed += 1
+            _logger.exception("wal checkpoint crashed", url=self.url)
+
+    def _run(self, conn: sqlite3.Connection) -> None:
         self.wanted = False
         mode = self._mode()
         if mode == "TRUNCATE":
@@ -123,11 +130,12 @@ class Checkpointer:
         wait_ms = _TRUNCATE_WAIT_MS if mode == "TRUNCATE" else self._busy_timeout_ms
         try:
             conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
-            busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            try:
+                busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         except sqlite3.Error as exc:
             return f"{type(exc).__name__}: {exc}"
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         if busy:  # another connection held on longer than this checkpoint would wait
             return _BLOCKED if frames < 0 else f"{_BLOCKED} ({copied} of {frames} log frames copied)"
         return None
