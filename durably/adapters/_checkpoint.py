@@ -85,11 +85,6 @@ class Checkpointer:
     def _run(self, conn: sqlite3.Connection) -> None:
         self.wanted = False
         mode = self._mode()
-        if mode == "TRUNCATE":
-            # Copy back what can be copied while writes go on; then hold them (a continuous
-            # writer would starve the TRUNCATE), which leaves it only the latest frames to copy.
-            self._checkpoint(conn, "PASSIVE")
-            self.hold_writes = True
         try:
             error = self._checkpoint(conn, mode)
         finally:

@@ -204,6 +204,8 @@ class LocalFileDriver:
         """Have the database thread checkpoint, between groups; nobody waits for it."""
         if self.checkpointer.wanted:
             return  # already asked: one checkpoint answers every request made before it
+        if self.checkpointer.must_truncate():
+            self.checkpointer.hold_writes = True  # a continuous writer would starve a TRUNCATE
         self.checkpointer.wanted = True
         if not on_thread:
             self._start_thread()
