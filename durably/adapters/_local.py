@@ -32,7 +32,7 @@ _MAX_GROUP = 128
 _BUSY_TIMEOUT_MS = 10_000
 _CHECKPOINT_EVERY = 500  # writes on one connection between checkpoints
 _RISK_EVERY = 50  # writes between looks at whether the log could fill the disk
-# Worth trying again: another writer, a full disk (space may be freed), a -shm that could not grow.
+# Worth trying again: another writer, or a full disk (space may be freed; see _is_full).
 _TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL}
 
 
@@ -49,6 +49,7 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 
 def _is_full(exc: BaseException) -> bool:
+    # A -shm file that cannot grow is a full disk too (tmpfs, /dev/shm).
     return _code(exc) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
 
 
