@@ -120,8 +120,8 @@ class SqlStorage:
         return self._driver.url
 
     async def migrate(self) -> None:
-        """Bring the schema up to date; another process migrating or writing meanwhile is
-        waited for (with backoff, for at most ``_MIGRATE_PATIENCE`` seconds), not an error."""
+        """Bring the schema up to date; another process migrating or writing meanwhile (a
+        locked database) is waited for, with backoff, for at most ``_MIGRATE_PATIENCE`` s."""
 
         async def apply() -> None:
             await self._driver.write([(CREATE_VERSION_TABLE, ())])
@@ -147,7 +147,9 @@ class SqlStorage:
             try:
                 return await apply()
             except StorageError as exc:
-                if not exc.transient or time.monotonic() + delay > deadline:
+                # Only another writer is worth waiting for; an unreachable server is reported at once.
+                contended = exc.transient and ("locked" in str(exc) or "busy" in str(exc))
+                if not contended or time.monotonic() + delay > deadline:
                     raise
             await anyio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
