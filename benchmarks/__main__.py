@@ -55,8 +55,12 @@ class Database:
 
 
 def _one(args: list[str]) -> dict[str, float]:
-    command = [sys.executable, "-m", "benchmarks._one", *args]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    return _run_module("benchmarks._one", args)
+
+
+def _run_module(module: str, args: list[str]) -> dict[str, float]:
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return msgspec.json.decode(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument(
         "--web", action="store_true", help="only the live-subscribers rows (benchmarks/_web.py)"
     )
+    parser.add_argument("--wal-runs", type=int, help="runs drained for the WAL's peak size (default 100,000)")
     options = parser.parse_args()
     if options.web:
         from benchmarks import _web
@@ -109,6 +114,12 @@ def main() -> None:
     memory = Database("local", root).run("MEM", 1, memory_runs)
     memory["runs"] = memory_runs
     print_table(rows, floor_figures, requests, memory)
+    wal_runs = options.wal_runs or (10_000 if options.quick else 100_000)
+    wal = _run_module("benchmarks._wal", ["--url", f"file:{root / 'wal.db'}", "-n", str(wal_runs)])
+    print(
+        f"\nWrite-ahead log (local): peak {wal['wal_peak_mb']:.1f} MB while draining {wal_runs:,} W3 runs"
+        f" with process_until_idle() (database {wal['db_mb']:.1f} MB)"
+    )
     print(f"\n({time.perf_counter() - started:.0f} s; machine: {_machine()})")
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+
+import anyio
 
 from durably import _codec
 from durably._clock import to_datetime
@@ -18,6 +22,7 @@ from durably.errors import ConflictError, NotFoundError, StorageError
 _RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
 # A run whose lease ended under a given generation, leaving it in a given status.
 _ENDED_AS = "SELECT 1 FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = ?"
+_MIGRATE_PATIENCE = 60.0  # seconds a migration waits for other writers before giving up
 
 
 def _text(value: Value) -> str:
@@ -117,22 +122,39 @@ class SqlStorage:
         return self._driver.url
 
     async def migrate(self) -> None:
-        await self._driver.write([(CREATE_VERSION_TABLE, ())])
-        current = await self._schema_version()
-        if current > LATEST_VERSION:
-            raise StorageError(
-                f"the database at {self.url} has schema version {current}, newer than"
-                f" this durably supports ({LATEST_VERSION}); upgrade durably"
-            )
-        for version in range(current + 1, LATEST_VERSION + 1):
-            statements: list[Statement] = [(sql, ()) for sql in MIGRATIONS[version - 1]]
-            statements.append((q.RECORD_VERSION, (version,)))
+        """Bring the schema up to date; another process migrating or writing meanwhile (a
+        locked database) is waited for, with backoff, for at most ``_MIGRATE_PATIENCE`` s."""
+
+        async def apply() -> None:
+            await self._driver.write([(CREATE_VERSION_TABLE, ())])
+            current = await self._schema_version()
+            if current > LATEST_VERSION:
+                raise StorageError(
+                    f"the database at {self.url} has schema version {current}, newer than"
+                    f" this durably supports ({LATEST_VERSION}); upgrade durably"
+                )
+            for version in range(current + 1, LATEST_VERSION + 1):
+                statements: list[Statement] = [(sql, ()) for sql in MIGRATIONS[version - 1]]
+                statements.append((q.RECORD_VERSION, (version,)))
+                try:
+                    await self._driver.write(statements)
+                except StorageError:
+                    # Another process may have applied this version at the same time.
+                    if await self._schema_version() < version:
+                        raise
+
+        deadline = time.monotonic() + _MIGRATE_PATIENCE
+        delay = 0.05
+        while True:
             try:
-                await self._driver.write(statements)
-            except StorageError:
-                # Another process may have applied this version at the same time.
-                if await self._schema_version() < version:
+                return await apply()
+            except StorageError as exc:
+                # Only another writer is worth waiting for; an unreachable server is reported at once.
+                contended = exc.transient and ("locked" in str(exc) or "busy" in str(exc))
+                if not contended or time.monotonic() + delay > deadline:
                     raise
+            await anyio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
 
     async def _schema_version(self) -> int:
         rows = await self._driver.read(q.SCHEMA_VERSION)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from durably._storage._protocol import Storage
-from durably.adapters._local import LocalFileStorage
+from durably.adapters._local import LocalFileStorage, check_path
 from durably.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -26,16 +26,31 @@ _ACCEPTED = (
 
 
 def _local_path(url: str) -> str | None:
+    """The file path ``url`` names, ``None`` if it is no local form at all.
+
+    A plain path is taken literally. A ``file:`` URL is a URL: ``file:///abs`` and
+    ``file://localhost/abs`` name ``/abs``; a query string or fragment (SQLite's
+    ``?mode=ro`` and the like) would otherwise become part of the file name, so it
+    is refused rather than silently creating another file.
+    """
     if url == ":memory:":
         return url
     if url.startswith("file:"):
         path = url.removeprefix("file:")
         if path.startswith("//"):
-            path = path.removeprefix("//")  # file:///abs/path
-        return path or None
+            host, slash, rest = path.removeprefix("//").partition("/")
+            if host not in ("", "localhost"):
+                raise ConfigurationError(f"{url!r} names a file on host {host!r}; only local files work")
+            path = slash + rest
+        if "?" in path or "#" in path:
+            raise ConfigurationError(
+                f"{url!r}: file: URLs take no query string or fragment (SQLite URI parameters such"
+                " as '?mode=ro' are not supported); give the plain path of the database file"
+            )
+        return check_path(path) if path else None
     if "://" in url or not url.strip():
         return None
-    return url
+    return check_path(url)
 
 
 def open_storage(

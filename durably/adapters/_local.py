@@ -25,15 +25,57 @@ import anyio
 from durably._storage._driver import Row, Statement, Value
 from durably._storage._sql import SqlStorage
 from durably._threads import Answer, answer
-from durably.errors import StorageError
+from durably.adapters._checkpoint import JOURNAL_SIZE_LIMIT, Checkpointer
+from durably.errors import ConfigurationError, StorageError
 
 _MAX_GROUP = 128
 _BUSY_TIMEOUT_MS = 10_000
-_CHECKPOINT_EVERY = 500  # writes on the loop's connection between background checkpoints
+_CHECKPOINT_EVERY = 500  # writes on one connection between checkpoints
+_RISK_EVERY = 50  # writes between looks at whether the log could fill the disk
+# Worth trying again: another writer, or a full disk (space may be freed; see _is_full).
+_TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL}
+
+
+def _code(exc: BaseException) -> int:
+    return int(getattr(exc, "sqlite_errorcode", None) or 0)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return _code(exc) & 0xFF in _TRANSIENT or _is_full(exc)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return _code(exc) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _is_full(exc: BaseException) -> bool:
+    # A -shm file that cannot grow is a full disk too (tmpfs, /dev/shm).
+    return _code(exc) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
+
+
+def check_path(path: object) -> str:
+    """``path`` if SQLite can open it as a file name, else ``ConfigurationError`` saying why."""
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError(f"a local database path must be a non-empty string, got {path!r}")
+    if "\0" in path:
+        raise ConfigurationError(f"a local database path cannot contain a NUL character: {path!r}")
+    return path
+
+
+def _open(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection in autocommit mode; closed again if its setup fails."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        if path != ":memory:":
+            # Checked before anything else reads the file, so a non-database fails here.
+            conn.execute("PRAGMA schema_version").fetchone()
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints are ours, and checked
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _run(conn: sqlite3.Connection, statements: Sequence[Statement]) -> list[list[Row]]:
@@ -54,21 +96,24 @@ def _run_atomically(conn: sqlite3.Connection, statements: Sequence[Statement]) -
     return rows
 
 
+class _NotInWalMode(Exception):
+    """Switching to WAL may wait for other connections: the database thread does it."""
+
+
 class _NoWaitConnection:
     """The event loop's own connection: runs an operation only if it needs no waiting."""
 
     def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, cached_statements=256
-        )
-        self._conn.execute("PRAGMA busy_timeout = 0")
-        if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            # Switching to WAL may wait for other connections: the database thread does it.
+        self._conn = _open(path, 0)
+        try:
+            in_wal = self._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
             self._conn.close()
-            raise sqlite3.OperationalError("database is locked (not in WAL mode yet)")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the database thread checkpoints
-        self.thread = threading.get_ident()
+            raise
+        if not in_wal:
+            self._conn.close()
+            raise _NotInWalMode
         self.writes = 0
 
     def run(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]] | None:
@@ -93,18 +138,23 @@ class _Job(NamedTuple):
     loop: asyncio.AbstractEventLoop
 
 
+_Item = list[_Job] | None  # a group of operations (empty: only a wake-up), or stop
+
+
 class LocalFileDriver:
     """Runs statements on a SQLite file (or ``:memory:``) from one worker thread."""
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._path = check_path(path)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         # Operations submitted during one pass of an event loop, handed over together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
         # :memory: is private to one connection, so it lives on the thread's only.
         self._no_wait: _NoWaitConnection | None = None
         self._no_wait_possible = path != ":memory:"
+        self._loop_thread: int | None = None  # the thread whose loop owns the no-wait connection
+        self.checkpointer = Checkpointer(self.url, f"{path}-wal", busy_timeout_ms=_BUSY_TIMEOUT_MS)
 
     @property
     def url(self) -> str:
@@ -126,29 +176,41 @@ class LocalFileDriver:
         return await self._on_thread(statements, write=write)
 
     def _without_waiting(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]] | None:
+        if self._loop_thread is None:
+            self._loop_thread = threading.get_ident()
+        elif self._loop_thread != threading.get_ident() or (write and self.checkpointer.hold_writes):
+            return None  # a second event loop in another thread, or a checkpoint first: the thread
         try:
             if self._no_wait is None:
                 self._no_wait = _NoWaitConnection(self._path)
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc) or "locked" in str(exc):
-                return None
-            raise self._error(exc) from exc
-        try:
-            if self._no_wait.thread != threading.get_ident():
-                return None  # a second event loop in another thread: use the database thread
             rows = self._no_wait.run(statements, write=write)
-        except sqlite3.Error as exc:
+        except _NotInWalMode:
+            return None
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:  # as on the thread
+            if self._no_wait is None and isinstance(exc, sqlite3.Error) and _is_busy(exc):
+                return None  # not in WAL mode yet, or another connection is switching it
             raise self._error(exc) from exc
-        if write and self._no_wait.writes >= _CHECKPOINT_EVERY:
+        if write and self._checkpoint_due(self._no_wait.writes):
             self._no_wait.writes = 0
-            self._checkpoint_in_background()
+            self._request_checkpoint()
         return rows
 
-    def _checkpoint_in_background(self) -> None:
-        self._start_thread()
-        loop = asyncio.get_running_loop()
-        job = _Job((("PRAGMA wal_checkpoint(PASSIVE)", ()),), False, loop.create_future(), loop)
-        self._queue.put([job])
+    def _checkpoint_due(self, writes: int) -> bool:
+        """After this many writes on one connection, whether to ask for a checkpoint."""
+        if writes >= _CHECKPOINT_EVERY:
+            return True
+        return writes > 0 and writes % _RISK_EVERY == 0 and self.checkpointer.at_risk()
+
+    def _request_checkpoint(self, *, on_thread: bool = False) -> None:
+        """Have the database thread checkpoint, between groups; nobody waits for it."""
+        if self.checkpointer.wanted:
+            return  # already asked: one checkpoint answers every request made before it
+        if self.checkpointer.must_truncate():
+            self.checkpointer.hold_writes = True  # a continuous writer would starve a TRUNCATE
+        self.checkpointer.wanted = True
+        if not on_thread:
+            self._start_thread()
+            self._queue.put([])  # wakes the thread
 
     def _start_thread(self) -> None:
         if self._thread is None:
@@ -174,6 +236,7 @@ class LocalFileDriver:
     async def close(self) -> None:
         """Stop the thread and close the connections; a later use opens them again."""
         no_wait, self._no_wait = self._no_wait, None
+        self._loop_thread = None
         if no_wait is not None:
             no_wait.close()
         thread, self._thread = self._thread, None
@@ -181,44 +244,58 @@ class LocalFileDriver:
             self._queue.put(None)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
+        self.checkpointer.wanted = False  # a request the thread did not see dies with it
 
     # --- on the database thread -------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._path, isolation_level=None, check_same_thread=False, cached_statements=256
-        )
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        if self._path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn = _open(self._path, _BUSY_TIMEOUT_MS)
+        try:
+            if self._path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _take(self) -> tuple[list[_Job], bool]:
+        """The next group of operations (waiting for one) and whether to go on afterwards."""
+        first = self._queue.get()
+        if first is None:
+            return [], False
+        jobs = list(first)
+        while len(jobs) < _MAX_GROUP:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return jobs, False
+            jobs.extend(more)
+        return jobs, True
 
     def _serve(self) -> None:
         conn: sqlite3.Connection | None = None
+        writes = 0
         running = True
         while running:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs = list(first)
-            while len(jobs) < _MAX_GROUP:
+            jobs, running = self._take()
+            if jobs:
                 try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    running = False
-                    break
-                jobs.extend(more)
-            try:
-                if conn is None:
-                    conn = self._connect()
-                answers = self._run_group(conn, jobs)
-            except Exception as exc:  # answer every waiter, whatever went wrong
-                error = self._error(exc)
-                answers = [(job.future, error) for job in jobs]
-            self._answer(jobs, answers)
+                    if conn is None:
+                        conn = self._connect()
+                    answers = self._run_group(conn, jobs)
+                    writes += any(job.write for job in jobs)
+                except Exception as exc:  # answer every waiter, whatever went wrong
+                    error = self._error(exc, on_thread=True)
+                    answers = [(job.future, error) for job in jobs]
+                self._answer(jobs, answers)
+            if self._checkpoint_due(writes):
+                writes = 0
+                self._request_checkpoint(on_thread=True)
+            if conn is not None and self._no_wait_possible and self.checkpointer.wanted:
+                self.checkpointer.run(conn)  # never inside a transaction; reports its own failures
         if conn is not None:
             conn.close()
 
@@ -242,16 +319,20 @@ class LocalFileDriver:
         conn.execute("SAVEPOINT durably_op")
         try:
             answer: Any = _run(conn, statements)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # whatever it is, it is this operation's alone
+            if not conn.in_transaction:
+                raise  # SQLite rolled the whole group back (a full disk, say): all of it failed
             conn.execute("ROLLBACK TO durably_op")
-            answer = self._error(exc)
+            answer = self._error(exc, on_thread=True)
         conn.execute("RELEASE durably_op")
         return answer
 
-    def _error(self, exc: Exception) -> StorageError:
-        message = str(exc)
-        transient = "locked" in message or "busy" in message
-        error = StorageError(f"{self.url}: {message}", transient=transient)
+    def _error(self, exc: Exception, *, on_thread: bool = False) -> StorageError:
+        if _is_full(exc):
+            # Truncating the write-ahead log is what gives the space back.
+            self.checkpointer.truncate = True
+            self._request_checkpoint(on_thread=on_thread)
+        error = StorageError(f"{self.url}: {exc}", transient=_is_transient(exc))
         error.__cause__ = exc
         return error
 
