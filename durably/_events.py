@@ -258,7 +258,9 @@ class EventBus:
         else:
             self.emit(WorkerErrorEvent, **report)
 
-    async def drain(self) -> None:
-        """Wait for async handlers still running (used on shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def drain(self, *, timeout: float) -> None:
+        """Wait up to ``timeout`` for this loop's async handlers still running (on shutdown)."""
+        loop = asyncio.get_running_loop()
+        tasks = {task for task in self._tasks if task.get_loop() is loop}
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

@@ -34,7 +34,7 @@ from durably._events import (
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
-from durably.errors import StorageError, ValidationError
+from durably.errors import LeaseLostError, StorageError, ValidationError
 
 if TYPE_CHECKING:
     from durably._job import JobDefinition
@@ -56,6 +56,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
+    """Await a storage call for at most ``seconds``; a hung one becomes a transient ``StorageError``.
+
+    Worker and execution calls use half a lease, so a hang is reported (and a write
+    retried) while the lease still holds, never waited out.
+    """
+    with anyio.move_on_after(seconds):
+        return await call
+    raise StorageError(f"{what}: the database did not answer within {seconds:g} s", transient=True)
+
+
 class Execution:
     """One worker's execution of one claimed run, fenced by its lease generation."""
 
@@ -68,6 +79,7 @@ class Execution:
         bus: EventBus,
         worker_id: str,
         lease_seconds: float,
+        storage_timeout: float,
         on_finished: Finished,
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
         on_body_done: Callable[[Execution], None],
@@ -82,6 +94,7 @@ class Execution:
         self._bus = bus
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
+        self._storage_timeout = storage_timeout
         self._on_finished = on_finished
         self._scope: anyio.CancelScope | None = None
         self._finishing = False
@@ -184,30 +197,37 @@ class Execution:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
             try:
-                await self._storage.release_lease(self.lease, self._take_telemetry())
+                await self._bounded(self._storage.release_lease(self.lease, self._take_telemetry()))
             except StorageError as exc:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
             self._on_finished(self.run_id, "cancelled", None, None)
-        elif reason == "lease_lost":
-            self._log.warning("lease lost; run stopped", worker_id=self._worker_id)
-            self._bus.emit(
-                WorkerErrorEvent,
-                error=f"LeaseLostError: the lease on run {self.run_id} was taken over",
-                context="run execution",
-                run_id=self.run_id,
-            )
+        elif reason in ("lease_lost", "finished_elsewhere"):
+            self._report(self._lease_lost_error(), "run execution")
+
+    def _lease_lost_error(self) -> LeaseLostError:
+        finished = self.stop_reason == "finished_elsewhere"
+        how = "another worker finished the run" if finished else "another worker took it over"
+        return LeaseLostError(
+            f"the lease on run {self.run_id} (generation {self.lease.generation}) is lost: {how};"
+            " this execution stopped and wrote nothing more"
+        )
 
     async def why_lease_gone(self) -> StopReason:
+        """Why a fenced write or renewal was refused: cancelled, finished elsewhere, or taken over."""
         try:
-            run = await self._storage.get_run(self.run_id)
-        except StorageError:
+            run = await self._bounded(self._storage.get_run(self.run_id))
+        except Exception as exc:  # the lease is gone for sure; only the reason is unknown
+            self._report(exc, "reading a run whose lease was refused")
             return "lease_lost"
         if run is None or run.status == "cancelled":
             return "cancelled"
         if run.status in ("completed", "failed"):
             return "finished_elsewhere"
         return "lease_lost"
+
+    def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
+        return bounded(call, self._storage_timeout, f"run {self.run_id}")
 
     async def _lease_gone(self) -> None:
         """Stop this execution because a fenced write was refused."""
@@ -220,7 +240,7 @@ class Execution:
         delay = 0.05
         while True:
             try:
-                return await operation()
+                return await self._bounded(operation())
             except StorageError as exc:
                 if not exc.transient or time.monotonic() + delay > deadline:
                     raise
@@ -246,7 +266,7 @@ class Execution:
         self._bus.emit(event_class, run_id=self.run_id, job_name=self.job_name, **fields)
 
     def _report(self, exc: BaseException, context: str) -> None:
-        self._log.warning("storage error", context=context, error=describe(exc))
+        self._log.warning("worker error", context=context, error=describe(exc))
         self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=self.run_id)
 
     # --- steps -------------------------------------------------------------------

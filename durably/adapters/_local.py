@@ -152,7 +152,9 @@ class LocalFileDriver:
 
     def _start_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._queue,), name="durably-sqlite", daemon=True
+            )
             self._thread.start()
 
     async def _on_thread(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
@@ -169,6 +171,7 @@ class LocalFileDriver:
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         # A run's completion and the worker's next claim, submitted by two tasks in one
         # pass of the loop, reach the database thread together: one commit, one wake-up.
+        self._start_thread()  # again: close() may have ended the thread meanwhile
         self._queue.put(self._pending.pop(loop))
 
     async def close(self) -> None:
@@ -178,9 +181,12 @@ class LocalFileDriver:
             no_wait.close()
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(None)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(thread.join)
+            # The thread ends by itself after its current group (a busy wait can take
+            # seconds): the caller's cancellation and timeouts are honoured, and a later
+            # use starts a new thread on a new queue.
+            jobs, self._queue = self._queue, queue.SimpleQueue()
+            jobs.put(None)
+            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
 
     # --- on the database thread -------------------------------------------------
 
@@ -194,17 +200,17 @@ class LocalFileDriver:
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
-    def _serve(self) -> None:
+    def _serve(self, jobs_queue: queue.SimpleQueue[list[_Job] | None]) -> None:
         conn: sqlite3.Connection | None = None
         running = True
         while running:
-            first = self._queue.get()
+            first = jobs_queue.get()
             if first is None:
                 break
             jobs = list(first)
             while len(jobs) < _MAX_GROUP:
                 try:
-                    more = self._queue.get_nowait()
+                    more = jobs_queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
