@@ -89,6 +89,7 @@ class Execution:
         self.job_name = claimed.run.job_name
         self.lease = Lease(claimed.run.id, claimed.lease_generation)
         self._stored_steps = claimed.steps
+        self._undecodable = claimed.error
         self._definition = definition
         self._storage = storage
         self._bus = bus
@@ -142,6 +143,11 @@ class Execution:
 
     async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
         """(output JSON, None, None) on success; (None, error, failed step) on failure."""
+        if self._undecodable is not None:
+            # A row this worker cannot read fails its run, reported; the worker goes on.
+            error = ValidationError(self._undecodable)
+            self._report(error, "decoding a claimed run")
+            return None, describe(error), None
         try:
             payload = self._payload()
             result = await self._definition.run(StepContext(self), payload)
@@ -347,12 +353,12 @@ class Execution:
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:
-        if type_ is None:
-            return _codec.decode(data)
         try:
-            return _codec.decode_as(data, type_)
-        except msgspec.ValidationError as exc:
-            raise ValidationError(f"stored result of step {name!r} does not fit {type_!r}: {exc}") from exc
+            return _codec.decode(data) if type_ is None else _codec.decode_as(data, type_)
+        except msgspec.DecodeError as exc:  # a corrupt stored result, or one that does not fit
+            expected = "JSON" if type_ is None else repr(type_)
+            message = f"stored result of step {name!r} does not decode as {expected}: {exc}"
+            raise ValidationError(message) from exc
 
     # --- progress and logs ----------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from durably import _codec
 from durably._clock import to_datetime
@@ -34,25 +36,81 @@ def _json(value: Value) -> Any:
     return None if value is None else _codec.decode(_text(value))
 
 
+class UndecodableError(StorageError):
+    """A stored column that cannot be read back (corrupt, or edited by hand); names it and the run."""
+
+
+# What reading a corrupt or hand-edited row can raise.
+_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, TypeError, OverflowError, OSError)
+
+
+def _column(name: str, row: Row, read: Callable[[Value], Any], value: Value) -> Any:
+    try:
+        return read(value)
+    except _DECODE_ERRORS as exc:
+        raise UndecodableError(f"column {name} of run {_text(row[0])!r} cannot be decoded: {exc}") from exc
+
+
+def _progress(value: Value) -> Progress | None:
+    return None if value is None else _codec.decode_as(_text(value), Progress)
+
+
+def _time(value: Value) -> datetime | None:
+    return to_datetime(_float(value))
+
+
 def _run_from_row(row: Row, disposition: str | None = None) -> Run:
-    progress = row[6]
+    """A run from its columns; ``UndecodableError`` naming the column that does not decode."""
     return Run(
         id=_text(row[0]),
         job_name=_text(row[1]),
         status=_text(row[2]),  # type: ignore[arg-type]
-        input=_json(row[3]),
-        output=_json(row[4]),
+        input=_column("input", row, _json, row[3]),
+        output=_column("output", row, _json, row[4]),
         error=None if row[5] is None else _text(row[5]),
-        progress=None if progress is None else _codec.decode_as(_text(progress), Progress),
-        labels=_json(row[7]) or {},
+        progress=_column("progress", row, _progress, row[6]),
+        labels=_column("labels", row, _json, row[7]) or {},
         idempotency_key=None if row[8] is None else _text(row[8]),
         concurrency_key=None if row[9] is None else _text(row[9]),
-        attempt=int(row[10] or 1),
-        created_at=to_datetime(_float(row[11])),  # type: ignore[arg-type]
-        started_at=to_datetime(_float(row[12])),
-        completed_at=to_datetime(_float(row[13])),
+        attempt=_column("attempt", row, _int, row[10]) or 1,
+        created_at=_column("created_at", row, _time, row[11]),
+        started_at=_column("started_at", row, _time, row[12]),
+        completed_at=_column("completed_at", row, _time, row[13]),
         disposition=disposition,  # type: ignore[arg-type]
     )
+
+
+def _claimed(row: Row, steps: dict[str, tuple[int, bytes]], error: str | None) -> ClaimedRun:
+    """A claimed run; one whose row does not decode carries the error it is to be failed with."""
+    generation = _int(row[_RUN_WIDTH])
+    try:
+        return ClaimedRun(
+            run=_run_from_row(row[:_RUN_WIDTH]), lease_generation=generation, steps=steps, error=error
+        )
+    except UndecodableError as exc:
+        # The run is leased to this worker now: it fails, the rest of the claim goes on.
+        bare = Run(
+            id=_text(row[0]),
+            job_name=_text(row[1]),
+            status="leased",
+            input=None,
+            created_at=to_datetime(0.0),  # type: ignore[arg-type]
+        )
+        return ClaimedRun(run=bare, lease_generation=generation, steps={}, error=str(exc))
+
+
+def _stored_steps(rows: list[Row]) -> tuple[dict[str, dict[str, tuple[int, bytes]]], dict[str, str]]:
+    """Completed steps per run id, and an error per run whose steps do not decode."""
+    stored: dict[str, dict[str, tuple[int, bytes]]] = {}
+    errors: dict[str, str] = {}
+    for run_id, name, index, output in rows:
+        try:
+            stored.setdefault(_text(run_id), {})[_text(name)] = (int(index), _text(output).encode())  # type: ignore[arg-type]
+        except _DECODE_ERRORS as exc:
+            errors[_text(run_id)] = (
+                f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
+            )
+    return stored, errors
 
 
 def _progress_json(progress: Progress | None) -> str | None:
@@ -178,18 +236,11 @@ class SqlStorage:
         # no one else can write steps for a run whose lease this worker now holds.
         resumed = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
         stored: dict[str, dict[str, tuple[int, bytes]]] = {}
+        errors: dict[str, str] = {}
         if resumed:
             [steps] = await self._driver.write([(q.COMPLETED_STEPS, (_codec.encode(resumed).decode(),))])
-            for run_id, name, index, output in steps:
-                stored.setdefault(_text(run_id), {})[_text(name)] = (_int(index), _text(output).encode())
-        claimed = [
-            ClaimedRun(
-                run=_run_from_row(row[:_RUN_WIDTH]),
-                lease_generation=_int(row[_RUN_WIDTH]),
-                steps=stored.get(_text(row[0]), {}),
-            )
-            for row in runs
-        ]
+            stored, errors = _stored_steps(steps)
+        claimed = [_claimed(row, stored.get(_text(row[0]), {}), errors.get(_text(row[0]))) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
 
