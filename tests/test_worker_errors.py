@@ -22,7 +22,7 @@ async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
     return await step.run("echo", lambda: payload)
 
 
-def _corrupt(path: Path, sql: str, *params: Any) -> None:
+def _edit(path: Path, sql: str, *params: Any) -> None:
     """Change the database behind durably's back, as a bad deploy or a hand edit would."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -65,7 +65,7 @@ async def test_a_run_whose_row_cannot_be_decoded_fails_and_the_other_runs_go_on(
     good_before = await durably.jobs.echo.trigger({"n": 1})
     bad = await durably.jobs.echo.trigger({"n": 2})
     good_after = await durably.jobs.echo.trigger({"n": 3})
-    _corrupt(path, f"UPDATE durably_runs SET {column} = ? WHERE id = ?", garbage, bad.id)
+    _edit(path, f"UPDATE durably_runs SET {column} = ? WHERE id = ?", garbage, bad.id)
 
     with structlog.testing.capture_logs() as logs:
         async with durably:
@@ -125,7 +125,7 @@ async def test_a_stored_step_that_cannot_be_decoded_fails_its_run_naming_the_ste
         failed = await durably.get_run(run.id)
         assert failed is not None
         assert failed.status == "failed"
-        _corrupt(
+        _edit(
             path,
             f"UPDATE durably_steps SET {column} = ? WHERE run_id = ? AND name = 'first'",
             garbage,
@@ -153,8 +153,77 @@ async def test_reading_a_corrupt_run_raises_a_storage_error_naming_the_column(
 ) -> None:
     path, durably = db
     run = await durably.jobs.echo.trigger({"n": 1})
-    _corrupt(path, "UPDATE durably_runs SET output = '{' WHERE id = ?", run.id)
+    _edit(path, "UPDATE durably_runs SET output = '{' WHERE id = ?", run.id)
     with pytest.raises(StorageError, match=f"column output of run '{run.id}' cannot be decoded"):
         await durably.get_run(run.id)
     with pytest.raises(StorageError, match="column output"):
         await durably.get_runs()
+
+
+@pytest.mark.parametrize("noticed_by", ["completion", "renewal"])
+@pytest.mark.parametrize("elsewhere", ["taken over", "finished elsewhere"])
+async def test_a_lost_lease_is_always_reported_as_lease_lost_error(
+    tmp_path: Path, noticed_by: str, elsewhere: str
+) -> None:
+    path = tmp_path / "jobs.db"
+    release = anyio.Event()
+    in_body = anyio.Event()
+
+    @define_job(name="victim", input=dict[str, Any])
+    async def victim(step: StepContext, payload: dict[str, Any]) -> Any:
+        in_body.set()
+        await release.wait()
+        return "stale worker's output"
+
+    # A long heartbeat: the refused write is the completion, not a renewal.
+    heartbeat = 5.0 if noticed_by == "completion" else 0.05
+    durably = create_durably(
+        f"file:{path}", polling_interval=0.01, heartbeat_interval=heartbeat, stale_threshold=10.0
+    ).register(victim=victim)
+    errors = _errors(durably)
+    reported = anyio.Event()
+    durably.on("worker:error", lambda _: reported.set())
+    completions: list[Any] = []
+    durably.on("run:complete", completions.append)
+    durably.on("run:fail", completions.append)
+    try:
+        run = await durably.jobs.victim.trigger({})
+        async with durably:
+            with anyio.fail_after(5):
+                await in_body.wait()
+            # Another worker's claim moved the fencing token on (and, maybe, finished the run).
+            if elsewhere == "taken over":
+                _edit(
+                    path,
+                    "UPDATE durably_runs SET lease_generation = lease_generation + 1, lease_owner = 'thief'"
+                    " WHERE id = ?",
+                    run.id,
+                )
+            else:
+                _edit(
+                    path,
+                    "UPDATE durably_runs SET lease_generation = lease_generation + 1, status = 'completed',"
+                    " output = '\"thief finished\"', lease_owner = NULL WHERE id = ?",
+                    run.id,
+                )
+            if noticed_by == "completion":
+                release.set()
+            with anyio.fail_after(5):
+                await reported.wait()
+    finally:
+        release.set()
+        await durably.close()
+
+    [error] = errors
+    assert error.run_id == run.id
+    assert error.error.startswith("LeaseLostError: the lease on run")
+    how = "finished the run" if elsewhere == "finished elsewhere" else "took it over"
+    assert how in error.error
+    assert completions == []  # the stale worker announced nothing
+    conn = sqlite3.connect(path)
+    try:
+        stored = conn.execute("SELECT status, output FROM durably_runs WHERE id = ?", (run.id,)).fetchone()
+    finally:
+        conn.close()
+    expected = ("leased", None) if elsewhere == "taken over" else ("completed", '"thief finished"')
+    assert stored == expected
