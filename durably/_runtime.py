@@ -316,7 +316,7 @@ class Execution:
         started = time.perf_counter()
         token = _current_step.set(name)
         try:
-            output = encode_result(name, await call_step_function(fn, args, kwargs))
+            output = encode_result(name, await call_step_function(fn, args, kwargs), type_)
             telemetry = self._take_telemetry()
             record = StepRecord(
                 name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
