@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 import msgspec.inspect as mi
 
-from durably.errors import ValidationError
+from durably.errors import ConfigurationError, ValidationError
 
 T = TypeVar("T")
 
@@ -48,9 +48,12 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 def decode_as(data: bytes | str, type_: type[T] | Any) -> T:
     """``data`` decoded and validated as ``type_``; ``msgspec.ValidationError`` if it does not fit."""
-    decoder = _decoders.get(type_)
-    if decoder is None:
-        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    try:
+        decoder = _decoders.get(type_)
+        if decoder is None:
+            decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    except (TypeError, ValueError) as exc:  # not a type at all, or one msgspec does not know
+        raise ConfigurationError(f"{type_!r} is not a type msgspec can convert to: {exc}") from exc
     return decoder.decode(data)  # type: ignore[no-any-return]
 
 
@@ -87,13 +90,12 @@ _OBJECTS = (mi.StructType, mi.DataclassType, mi.TypedDictType)
 
 
 def _type_info(type_: Any) -> mi.Type:
-    info = _infos.get(type_)
-    if info is None:
-        try:
-            info = mi.type_info(type_)
-        except (TypeError, ValueError):
-            info = mi.CustomType(cls=object)  # msgspec itself will say what is wrong with it
-        _infos[type_] = info
+    try:
+        info = _infos.get(type_)
+        if info is None:
+            info = _infos[type_] = mi.type_info(type_)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{type_!r} is not a type msgspec can convert to: {exc}") from exc
     return info
 
 

@@ -188,7 +188,7 @@ class EventBus:
         self._deferred: list[dict[str, Any]] = []
 
     def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
-        if event_type != "*" and event_type not in EVENT_TYPES:
+        if not isinstance(event_type, str) or (event_type != "*" and event_type not in EVENT_TYPES):
             known = ", ".join(sorted(EVENT_TYPES))
             raise ConfigurationError(f"unknown event type {event_type!r}; use '*' or one of: {known}")
         if not callable(handler):
