@@ -90,6 +90,11 @@ class Execution:
         self.lease = Lease(claimed.run.id, claimed.lease_generation)
         self._stored_steps = claimed.steps
         self._undecodable = claimed.error
+        # Replay (SPEC §3): the log calls a resumed body makes again are skipped, the n-th
+        # per step up to the stored count; progress is held back until replay ends.
+        self._logs_to_skip = dict(claimed.log_counts)
+        self._replaying = claimed.lease_generation > 1
+        self._held_progress: Progress | None = None
         self._definition = definition
         self._storage = storage
         self._bus = bus
@@ -150,7 +155,10 @@ class Execution:
             return None, describe(error), None
         try:
             payload = self._payload()
-            result = await self._definition.run(StepContext(self), payload)
+            try:
+                result = await self._definition.run(StepContext(self), payload)
+            finally:
+                self._end_replay()
             output = _codec.canonical(
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
@@ -300,7 +308,20 @@ class Execution:
         if stored is not None:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             return self._result(stored[1], type_, name)
+        self._end_replay()
         return await self._execute_step(name, index, fn, args, kwargs, type_)
+
+    def _end_replay(self) -> None:
+        """The body reached code that never ran (a new step, or its end): progress flows again.
+
+        The last progress held back during replay lands unless it is the one stored.
+        """
+        if not self._replaying:
+            return
+        self._replaying = False
+        held, self._held_progress = self._held_progress, None
+        if held is not None and held != self.run.progress:
+            self._record_progress(held)
 
     async def _execute_step(
         self,
@@ -368,6 +389,7 @@ class Execution:
         self._on_loop(self._record_progress, checked_progress(current, total, message))
 
     def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
+        _codec.canonical(data, dict[str, Any], what=f"the data of log line {message!r}")
         step_name = _current_step.get()
         getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
         entry = LogEntry(
@@ -386,11 +408,18 @@ class Execution:
             self._loop.call_soon_threadsafe(record, value)
 
     def _record_progress(self, progress: Progress) -> None:
+        if self._replaying:
+            self._held_progress = progress
+            return
         self._emit(RunProgressEvent, progress=progress)
         self._telemetry.progress = progress
         self._telemetry_changed()
 
     def _record_log(self, entry: LogEntry) -> None:
+        skip = self._logs_to_skip.get(entry.step_name, 0)
+        if skip:  # stored before the interruption by this same call
+            self._logs_to_skip[entry.step_name] = skip - 1
+            return
         self._emit(
             LogWriteEvent,
             step_name=entry.step_name,

@@ -80,37 +80,52 @@ def _run_from_row(row: Row, disposition: str | None = None) -> Run:
     )
 
 
-def _claimed(row: Row, steps: dict[str, tuple[int, bytes]], error: str | None) -> ClaimedRun:
+def _claimed(row: Row, resumed: _Resumed) -> ClaimedRun:
     """A claimed run; one whose row does not decode carries the error it is to be failed with."""
     generation = _int(row[_RUN_WIDTH])
+    run_id = _text(row[0])
     try:
-        return ClaimedRun(
-            run=_run_from_row(row[:_RUN_WIDTH]), lease_generation=generation, steps=steps, error=error
-        )
+        run = _run_from_row(row[:_RUN_WIDTH])
     except UndecodableError as exc:
         # The run is leased to this worker now: it fails, the rest of the claim goes on.
         bare = Run(
-            id=_text(row[0]),
+            id=run_id,
             job_name=_text(row[1]),
             status="leased",
             input=None,
             created_at=to_datetime(0.0),  # type: ignore[arg-type]
         )
         return ClaimedRun(run=bare, lease_generation=generation, steps={}, error=str(exc))
+    return ClaimedRun(
+        run=run,
+        lease_generation=generation,
+        steps=resumed.steps.get(run_id, {}),
+        log_counts=resumed.log_counts.get(run_id, {}),
+        error=resumed.errors.get(run_id),
+    )
 
 
-def _stored_steps(rows: list[Row]) -> tuple[dict[str, dict[str, tuple[int, bytes]]], dict[str, str]]:
-    """Completed steps per run id, and an error per run whose steps do not decode."""
-    stored: dict[str, dict[str, tuple[int, bytes]]] = {}
-    errors: dict[str, str] = {}
-    for run_id, name, index, output in rows:
-        try:
-            stored.setdefault(_text(run_id), {})[_text(name)] = (int(index), _text(output).encode())  # type: ignore[arg-type]
-        except _DECODE_ERRORS as exc:
-            errors[_text(run_id)] = (
-                f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
-            )
-    return stored, errors
+class _Resumed:
+    """What resumed runs have stored: completed steps, log lines per step, decoding errors."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, dict[str, tuple[int, bytes]]] = {}
+        self.log_counts: dict[str, dict[str | None, int]] = {}
+        self.errors: dict[str, str] = {}
+
+    def add_steps(self, rows: list[Row]) -> None:
+        for run_id, name, index, output in rows:
+            try:
+                self.steps.setdefault(_text(run_id), {})[_text(name)] = (int(index), _text(output).encode())  # type: ignore[arg-type]
+            except _DECODE_ERRORS as exc:
+                self.errors[_text(run_id)] = (
+                    f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
+                )
+
+    def add_log_counts(self, rows: list[Row]) -> None:
+        for run_id, step_name, count in rows:
+            step = None if step_name is None else _text(step_name)
+            self.log_counts.setdefault(_text(run_id), {})[step] = _int(count)
 
 
 def _progress_json(progress: Progress | None) -> str | None:
@@ -234,13 +249,16 @@ class SqlStorage:
         # Only a run claimed before (generation > 1) can have stored steps. They are read
         # from the primary (a replica may not have synced them yet), and after the claim:
         # no one else can write steps for a run whose lease this worker now holds.
-        resumed = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
-        stored: dict[str, dict[str, tuple[int, bytes]]] = {}
-        errors: dict[str, str] = {}
-        if resumed:
-            [steps] = await self._driver.write([(q.COMPLETED_STEPS, (_codec.encode(resumed).decode(),))])
-            stored, errors = _stored_steps(steps)
-        claimed = [_claimed(row, stored.get(_text(row[0]), {}), errors.get(_text(row[0]))) for row in runs]
+        resumed_ids = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
+        resumed = _Resumed()
+        if resumed_ids:
+            ids = _codec.encode(resumed_ids).decode()
+            steps, log_counts = await self._driver.write(
+                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,))]
+            )
+            resumed.add_steps(steps)
+            resumed.add_log_counts(log_counts)
+        claimed = [_claimed(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
 
