@@ -227,3 +227,34 @@ async def test_a_lost_lease_is_always_reported_as_lease_lost_error(
         conn.close()
     expected = ("leased", None) if elsewhere == "taken over" else ("completed", '"thief finished"')
     assert stored == expected
+
+
+async def test_a_hung_database_call_is_reported_within_the_lease_and_the_worker_carries_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    durably = create_durably(
+        f"file:{path}", polling_interval=0.01, heartbeat_interval=0.1, stale_threshold=1.0
+    ).register(echo=echo)
+    await durably.migrate()
+    errors = _errors(durably)
+    reported = anyio.Event()
+    durably.on("worker:error", lambda _: reported.set())
+    # Another process holds the write lock: durably's writes wait (busy timeout: 10 s).
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        async with durably:
+            holder.execute("BEGIN IMMEDIATE")
+            try:
+                with anyio.fail_after(3):  # far less than the busy timeout
+                    await reported.wait()
+            finally:
+                holder.execute("ROLLBACK")
+            with anyio.fail_after(10):
+                result = await durably.jobs.echo.trigger_and_wait({"n": 1}, timeout=10)
+            assert result.output == {"n": 1}
+    finally:
+        holder.close()
+        await durably.close()
+    assert errors[0].context == "claiming runs"
+    assert errors[0].error == "StorageError: claiming runs: the database did not answer within 0.5 s"
