@@ -86,30 +86,48 @@ def test_an_instance_serves_in_successive_event_loops(database: Database) -> Non
     assert asyncio.run(asyncio.wait_for(serverless(8), 10)) == {"n": 8}
 
 
+class StuckOnce:
+    """A job whose one step hangs on its first execution only (async: cancellable; sync: not)."""
+
+    def __init__(self, *, sync: bool) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.executions = 0
+
+        async def hang_async() -> str:
+            self._begin()
+            await anyio.sleep(60)
+            return "late"
+
+        def hang_sync() -> str:
+            self._begin()
+            self.release.wait(30)  # a sync function's thread cannot be interrupted
+            return "late"
+
+        async def body(step: StepContext, payload: dict[str, Any]) -> Any:
+            if self.executions:
+                return await step.run("step", lambda: f"execution {self.executions + 1}")
+            return await step.run("step", hang_sync if sync else hang_async)
+
+        self.job = define_job(name="stuck", input=dict[str, Any], run=body)
+
+    def _begin(self) -> None:
+        self.executions += 1
+        self.started.set()
+
+    async def wait_started(self) -> None:
+        assert await anyio.to_thread.run_sync(self.started.wait, 5), "the step never started"
+
+
 @pytest.mark.anyio
 async def test_a_cancelled_stop_returns_at_once_and_the_instance_starts_again(
     make_durably: Callable[..., Durably],
 ) -> None:
-    started = anyio.Event()
-    executions = 0
-
-    async def stuck_the_first_time() -> str:
-        nonlocal executions
-        executions += 1
-        if executions == 1:
-            started.set()
-            await anyio.sleep(60)
-        return f"execution {executions}"
-
-    @define_job(name="stuck", input=dict[str, Any])
-    async def job(step: StepContext, payload: dict[str, Any]) -> Any:
-        return await step.run("long", stuck_the_first_time)
-
-    durably = make_durably().register(job=job)
+    stuck = StuckOnce(sync=False)
+    durably = make_durably().register(job=stuck.job)
     await durably.init()
     run = await durably.jobs.job.trigger({})
-    with anyio.fail_after(3):
-        await started.wait()
+    await stuck.wait_started()
 
     with anyio.fail_after(3):  # a hang here is the bug: stop(timeout=60) must yield to cancellation
         with anyio.move_on_after(0.2) as cancelled:
@@ -129,30 +147,19 @@ async def test_a_cancelled_stop_returns_at_once_and_the_instance_starts_again(
 async def test_stop_with_a_sync_step_that_never_returns_honours_its_timeout(
     make_durably: Callable[..., Durably],
 ) -> None:
-    release = threading.Event()
-    started = threading.Event()
-
-    def blocked() -> str:
-        started.set()
-        release.wait(30)  # a sync function's thread cannot be interrupted
-        return "late"
-
-    @define_job(name="blocked", input=dict[str, Any])
-    async def job(step: StepContext, payload: dict[str, Any]) -> Any:
-        return await step.run("blocked", blocked)
-
-    durably = make_durably().register(job=job)
+    stuck = StuckOnce(sync=True)
+    durably = make_durably().register(job=stuck.job)
     await durably.init()
     run = await durably.jobs.job.trigger({})
     try:
-        assert await anyio.to_thread.run_sync(started.wait, 5)
+        await stuck.wait_started()
         with anyio.fail_after(5):
             await durably.stop(timeout=0.1)
         stored = await durably.get_run(run.id)
         assert stored is not None
         assert stored.status == "pending"  # released for another worker, not left to expire
     finally:
-        release.set()
+        stuck.release.set()
 
 
 @pytest.mark.anyio
