@@ -1,6 +1,8 @@
-"""The single entry point: tests, lint, demo, bench."""
+"""The single entry point: tests, lint, typecheck, demo, bench."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -11,9 +13,19 @@ nox.options.sessions = ["lint", "tests"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/)."""
+    """The whole suite against a SQLite file and real sqld servers (fetched and cached under .cache/).
+
+    Branch coverage of durably/ includes the worker and CLI subprocesses ([tool.coverage]
+    in pyproject.toml): each process writes its own data file; pytest-cov combines those
+    it finds at the end, and the combine below picks up any written after that.
+    """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("coverage", "erase")
+    session.run("pytest", "--cov", "--cov-report=", *session.posargs)
+    if list(Path().glob(".coverage.*")):
+        session.run("coverage", "combine", "--append")
+    if Path(".coverage").exists():  # not with --no-cov in the arguments
+        session.run("coverage", "report")
 
 
 @nox.session
@@ -23,6 +35,13 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Only the typing checks (also part of `tests`): user programs under mypy --strict and pyright."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_typing.py", *session.posargs)
 
 
 @nox.session

@@ -1,16 +1,22 @@
-"""Text output of the ``durably`` command: tables, run details, the progress bar."""
+"""Text output of the ``durably`` command: tables, run details, log lines, the progress bar."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from durably import _codec
 from durably._models import LogEntry, Progress, Run, Step
 
 _BAR_WIDTH = 30
 _CELL_WIDTH = 60
+_ERASE_LINE = "\r\x1b[2K"  # back to column 0, clear the whole line
 
 
 def when(moment: datetime | None) -> str:
@@ -37,11 +43,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def number(value: int | float) -> str:
+    """A progress number as it was given: ``3`` for an int, ``2.5`` for a float."""
+    return str(value) if isinstance(value, int) else f"{value:.10g}"
+
+
 def progress_text(progress: Progress | None) -> str:
     if progress is None:
         return ""
-    text = f"{progress.current:g}" if progress.total is None else f"{progress.current:g}/{progress.total:g}"
+    text = number(progress.current)
+    if progress.total is not None:
+        text += f"/{number(progress.total)}"
     return f"{text} {progress.message}" if progress.message else text
+
+
+def log_line(entry: LogEntry) -> str:
+    """One log line of a run: level, step, message and data."""
+    data = f" {as_json(entry.data)}" if entry.data else ""
+    step = f" [{entry.step_name}]" if entry.step_name else ""
+    return f"{entry.level:<5}{step} {entry.message}{data}"
+
+
+def run_ended(run_id: str, job_name: str, status: str, seconds: float | None, error: str | None) -> str:
+    """What ``durably worker`` prints when a run ends."""
+    duration = "-" if seconds is None else f"{seconds:.2f}s"
+    return " ".join([run_id, job_name, status, duration, *([" ".join(error.split())] if error else [])])
 
 
 def runs_table(runs: Sequence[Run]) -> str:
@@ -94,41 +120,129 @@ def run_details(run: Run, steps: Sequence[Step], logs: Sequence[LogEntry]) -> st
             "  " + line for line in table(["#", "NAME", "STATUS", "ENDED", "RESULT"], step_rows).split("\n")
         ]
     lines += ["", f"logs ({len(logs)}):"]
-    for entry in logs:
-        data = f" {as_json(entry.data)}" if entry.data else ""
-        step = f" [{entry.step_name}]" if entry.step_name else ""
-        lines.append(f"  {when(entry.created_at)} {entry.level:<5}{step} {entry.message}{data}")
+    lines += [f"  {when(entry.created_at)} {log_line(entry)}" for entry in logs]
     return "\n".join(lines)
 
 
-class ProgressBar:
-    """A live progress bar on a terminal; one line per update elsewhere (logs, pipes)."""
+def bar(progress: Progress) -> str:
+    """A progress bar on one line; a count alone when there is no total."""
+    message = f" {' '.join(progress.message.split())}" if progress.message else ""
+    if not progress.total:
+        return f"[{number(progress.current)}]{message}"
+    fraction = min(max(progress.current / progress.total, 0.0), 1.0)
+    filled = round(fraction * _BAR_WIDTH)
+    drawn = "#" * filled + "-" * (_BAR_WIDTH - filled)
+    return f"[{drawn}] {fraction:4.0%} {number(progress.current)}/{number(progress.total)}{message}"
+
+
+class Console:
+    """Log lines and one live progress bar sharing a stream, never sharing a line.
+
+    On a terminal the bar is redrawn in place (carriage return, erase line) and a log
+    line is printed above it: erase the bar, write the line, draw the bar again. On a
+    pipe or a file every update is a plain line of its own.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._live = stream.isatty()
-        self._drawn = False
+        self._bar = ""
+        # structlog may write from a sync step's thread while the loop draws the bar.
+        self._lock = threading.Lock()
 
-    def __call__(self, progress: Progress) -> None:
-        line = self.render(progress)
-        if self._live:
-            self._stream.write("\r\x1b[2K" + line)
-        else:
-            self._stream.write(line + "\n")
-        self._stream.flush()
-        self._drawn = True
+    def progress(self, progress: Progress) -> None:
+        text = bar(progress)
+        with self._lock:
+            if self._live:
+                self._bar = self._fit(text)
+                self._stream.write(_ERASE_LINE + self._bar)
+            else:
+                self._stream.write(text + "\n")
+            self._stream.flush()
 
-    @staticmethod
-    def render(progress: Progress) -> str:
-        message = f" {progress.message}" if progress.message else ""
-        if not progress.total:
-            return f"[{progress.current:g}]{message}"
-        fraction = min(max(progress.current / progress.total, 0.0), 1.0)
-        filled = round(fraction * _BAR_WIDTH)
-        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-        return f"[{bar}] {fraction:4.0%} {progress.current:g}/{progress.total:g}{message}"
+    def line(self, text: str, stream: TextIO | None = None) -> None:
+        """Print ``text`` above the bar, on ``stream`` (default: the bar's own)."""
+        target = stream or self._stream
+        with self._lock:
+            if self._bar:
+                self._stream.write(_ERASE_LINE)
+                self._stream.flush()
+            target.write(text + "\n")
+            target.flush()
+            if self._bar:
+                self._stream.write(self._bar)
+                self._stream.flush()
+
+    def log(self, entry: LogEntry) -> None:
+        self.line(log_line(entry))
+
+    @contextmanager
+    def holding_std_streams(self) -> Iterator[None]:
+        """While the bar is live, what is written to ``sys.stderr`` (and to ``sys.stdout``
+        when it is a terminal too) is printed above the bar, line by line."""
+        if not self._live:
+            yield
+            return
+        saved = sys.stdout, sys.stderr
+        if sys.stdout.isatty():
+            sys.stdout = cast(TextIO, _ConsoleFile(self, sys.stdout))
+        sys.stderr = cast(TextIO, _ConsoleFile(self, sys.stderr))
+        try:
+            yield
+        finally:
+            for file in (sys.stdout, sys.stderr):
+                if isinstance(file, _ConsoleFile):
+                    file.flush_partial()
+            sys.stdout, sys.stderr = saved
 
     def close(self) -> None:
-        if self._live and self._drawn:
-            self._stream.write("\n")
-            self._stream.flush()
+        """Leave the last bar on screen and move below it, so what follows starts a line."""
+        with self._lock:
+            if self._bar:
+                self._stream.write("\n")
+                self._stream.flush()
+                self._bar = ""
+
+    def _fit(self, text: str) -> str:
+        # A bar wider than the terminal wraps, and a carriage return would then redraw
+        # only its last row: cut it to the width.
+        try:
+            width = os.get_terminal_size(self._stream.fileno()).columns
+        except (OSError, ValueError):
+            return text
+        return text if len(text) < width else text[: max(width - 2, 1)] + "…"
+
+
+class _ConsoleFile(io.TextIOBase):
+    """A text file whose complete lines go to ``Console.line`` on ``target``."""
+
+    def __init__(self, console: Console, target: TextIO) -> None:
+        super().__init__()
+        self._console = console
+        self._target = target
+        self._partial = ""
+        self._lock = threading.Lock()  # print() from several threads
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._console.line(line, self._target)
+        return len(text)
+
+    def flush_partial(self) -> None:
+        """Print a last line that did not end with a newline."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+        if partial:
+            self._console.line(partial, self._target)
+
+    def isatty(self) -> bool:
+        return self._target.isatty()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._target.encoding

@@ -10,14 +10,14 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, overload
 
 import anyio
 import structlog
 
 from durably import _clock
 from durably._events import EventBus, Handler
-from durably._job import JobDefinition, JobHandle, Jobs
+from durably._job import InputT, JobDefinition, JobHandle, Jobs, OutputT
 from durably._models import LogEntry, Run, Step
 from durably._runs import Runs
 from durably._schedules import Scheduler
@@ -153,14 +153,32 @@ class Durably:
             self._handles[key] = JobHandle(self._runs, definition)
         return self
 
-    def job(self, name: str) -> JobHandle[Any, Any]:
-        """The handle of a job by its job name or its registered handle name."""
-        if name in self.jobs:
-            return self.jobs[name]
-        for key in self.jobs:
-            if self.jobs[key].name == name:
-                return self.jobs[key]
-        raise NotFoundError(f"no job named {name!r} is registered; registered: {sorted(self._definitions)}")
+    @overload
+    def job(self, job: JobDefinition[InputT, OutputT], /) -> JobHandle[InputT, OutputT]: ...
+
+    @overload
+    def job(self, job: str, /) -> JobHandle[Any, Any]: ...
+
+    def job(self, job: JobDefinition[Any, Any] | str, /) -> JobHandle[Any, Any]:
+        """The handle of a registered job: by its definition, types intact, or by name.
+
+        A name is a job name or a registered handle name; the handle of a name is
+        untyped (``JobHandle[Any, Any]``), as ``durably.jobs.<name>`` is.
+        """
+        if isinstance(job, JobDefinition):
+            for handle in self._handles.values():
+                if handle.definition is job:
+                    return handle
+            raise NotFoundError(
+                f"job definition {job.name!r} is not registered on this instance;"
+                f" registered: {sorted(self._definitions)}"
+            )
+        if job in self.jobs:
+            return self.jobs[job]
+        for handle in self._handles.values():
+            if handle.name == job:
+                return handle
+        raise NotFoundError(f"no job named {job!r} is registered; registered: {sorted(self._definitions)}")
 
     def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler`` (sync or async) for each event of ``event_type`` or ``"*"``."""

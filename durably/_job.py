@@ -17,61 +17,110 @@ InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
 
 JobFunction = Callable[["StepContext", InputT], Awaitable[OutputT]]
+"""What ``define_job`` wraps: ``async def job(step, payload: In) -> Out``."""
+
+JSONData = Mapping[str, object] | list[Any] | tuple[object, ...]
+"""Plain JSON-like data a payload may be given as instead of an instance of ``input``.
+
+Only containers: a checker can then still flag a ``str``, a number or an instance of
+another class passed where a Struct, a dataclass or a TypedDict is expected.
+"""
 
 
 class JobDefinition(Generic[InputT, OutputT]):
     """A named job: its input and output types and the async function that runs it.
 
-    Register it on a ``Durably`` instance to trigger and execute it.
+    Register it on a ``Durably`` instance to trigger and execute it; ``InputT`` and
+    ``OutputT`` carry the declared types to ``durably.job(definition)``.
     """
 
     def __init__(self, *, name: str, input: Any, output: Any, run: JobFunction[InputT, OutputT]) -> None:
-        self.name = name
-        self.input_type = input
-        self.output_type = Any if output is None else output
-        self.run = run
+        self.name: str = name
+        # Any: besides classes, msgspec converts to unions, Literals, Annotated…
+        self.input_type: Any = input
+        self.output_type: Any = Any if output is None else output
+        self.run: JobFunction[InputT, OutputT] = run
 
     def __repr__(self) -> str:
         return f"JobDefinition(name={self.name!r})"
 
 
-def _check_definition(name: object, run: object) -> None:
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
+def _check_run(name: object, run: object) -> None:
     if not callable(run) or not inspect.iscoroutinefunction(run):
         raise ConfigurationError(f"job {name!r}: run must be an async function (async def)")
 
 
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
+
+
+# Two sets of overloads, decorator then ``run=``: a class (a Struct, a dataclass, a
+# TypedDict, ``dict[str, Any]``…) gives its type; anything else (``int | None``,
+# ``Literal[…]``: mypy and pyright type those as objects, not classes) and ``output=None``
+# give ``Any``. A ``run=`` function that does not fit falls through to the last, untyped
+# overload (no checker can tell "not a class" apart); the decorator is always checked.
+
+
 @overload
 def define_job(
-    *, name: str, input: Any, output: Any = None, run: None = None
+    *, name: str, input: type[InputT], output: type[OutputT], run: None = None
+) -> Callable[[JobFunction[InputT, OutputT]], JobDefinition[InputT, OutputT]]: ...
+
+
+@overload
+def define_job(
+    *, name: str, input: type[InputT], output: object = None, run: None = None
+) -> Callable[[JobFunction[InputT, Any]], JobDefinition[InputT, Any]]: ...
+
+
+@overload
+def define_job(
+    *, name: str, input: object, output: type[OutputT], run: None = None
+) -> Callable[[JobFunction[Any, OutputT]], JobDefinition[Any, OutputT]]: ...
+
+
+@overload
+def define_job(
+    *, name: str, input: object, output: object = None, run: None = None
 ) -> Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: Any, output: Any = None, run: JobFunction[InputT, OutputT]
+    *, name: str, input: type[InputT], output: type[OutputT], run: JobFunction[InputT, OutputT]
 ) -> JobDefinition[InputT, OutputT]: ...
 
 
+@overload
 def define_job(
-    *, name: str, input: Any, output: Any = None, run: JobFunction[Any, Any] | None = None
+    *, name: str, input: type[InputT], output: None = None, run: JobFunction[InputT, Any]
+) -> JobDefinition[InputT, Any]: ...
+
+
+@overload
+def define_job(
+    *, name: str, input: object, output: object = None, run: JobFunction[Any, Any]
+) -> JobDefinition[Any, Any]: ...
+
+
+def define_job(
+    *, name: str, input: object, output: object = None, run: JobFunction[Any, Any] | None = None
 ) -> JobDefinition[Any, Any] | Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]:
     """Define a job; a decorator when ``run`` is omitted.
 
     ``input`` and ``output`` are any types msgspec can convert to; ``output=None``
     accepts any JSON value. Returns a ``JobDefinition``, not the function.
     """
+    _check_name(name)
     if input is None:
         raise ConfigurationError(f"job {name!r}: input= is required (use dict[str, Any] for free-form JSON)")
 
     def build(fn: JobFunction[Any, Any]) -> JobDefinition[Any, Any]:
-        _check_definition(name, fn)
+        _check_run(name, fn)
         return JobDefinition(name=name, input=input, output=output, run=fn)
 
     if run is None:
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigurationError(f"job name must be a non-empty string, got {name!r}")
         return build
     return build(run)
 
@@ -113,7 +162,7 @@ class JobHandle(Generic[InputT, OutputT]):
 
     async def trigger(
         self,
-        payload: InputT | Any,
+        payload: InputT | JSONData,
         *,
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
@@ -131,7 +180,7 @@ class JobHandle(Generic[InputT, OutputT]):
 
     async def batch_trigger(
         self,
-        payloads: Sequence[InputT | Any],
+        payloads: Sequence[InputT | JSONData],
         *,
         labels: dict[str, str] | None = None,
     ) -> list[Run]:
@@ -142,7 +191,7 @@ class JobHandle(Generic[InputT, OutputT]):
 
     async def trigger_and_wait(
         self,
-        payload: InputT | Any,
+        payload: InputT | JSONData,
         *,
         timeout: float | None = None,
         on_progress: Callable[[Progress], Any] | None = None,

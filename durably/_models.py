@@ -32,10 +32,10 @@ OutputT = TypeVar("OutputT")
 
 
 class Progress(msgspec.Struct, frozen=True):
-    """How far a run has come, as reported by ``step.progress()``."""
+    """How far a run has come, as reported by ``step.progress()``: ints stay ints (``1/3``)."""
 
-    current: float
-    total: float | None = None
+    current: int | float
+    total: int | float | None = None
     message: str | None = None
 
 

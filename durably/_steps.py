@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol, TypeVar, overload
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from durably import _codec, _threads
 from durably._models import LogLevel, Progress
+
+if TYPE_CHECKING:
+    from typing import _SpecialForm
 
 T = TypeVar("T")
 
@@ -61,6 +66,14 @@ class StepContext:
     @overload
     async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
 
+    # A type that is not a class (``X | None``, ``Literal[…]``) converts too, but checkers
+    # cannot make a type of it: Any. Not ``object``: mypy would fall back to this overload
+    # (and miss the mismatch) where ``x: str = await step.run(…, type=ImageOut)``.
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: UnionType | _SpecialForm, **kwargs: Any
+    ) -> Any: ...
+
     async def run(
         self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
     ) -> Any:
@@ -82,15 +95,17 @@ def encode_result(name: str, value: Any, type_: Any) -> bytes:
     return _codec.canonical(value, Any if type_ is None else type_, what=f"the result of step {name!r}")
 
 
-def checked_progress(current: float, total: float | None, message: str | None) -> Progress:
-    """The arguments of ``step.progress()``, checked."""
+def checked_progress(current: int | float, total: int | float | None, message: str | None) -> Progress:
+    """The arguments of ``step.progress()``, checked and kept as given (``1`` stays an int)."""
     for name, value in (("current", current), ("total", total)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"step.progress(): {name} must be a number, got {value!r}")
+        # JSON stores NaN and infinities as null, which would make the run unreadable.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"step.progress(): {name} must be a finite number, got {value!r}")
     if message is not None and not isinstance(message, str):
         raise TypeError(f"step.progress(): message must be a string, got {message!r}")
-    # Floats, as they come back from the database, so local and stored values compare equal.
-    return Progress(float(current), None if total is None else float(total), message)
+    return Progress(current, total, message)
 
 
 async def call_step_function(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

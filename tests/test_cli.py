@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+
+from durably import Progress
+from durably import _cli_render as render
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.cli_app:durably"
@@ -62,14 +67,19 @@ class Cli:
         return run_id
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
+def migrated_cli(tmp_path: Path) -> Cli:
+    """A ``Cli`` on a fresh, migrated SQLite file in ``tmp_path``."""
     url = f"file:{tmp_path / 'cli.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURSO_")}
     env["DURABLY_TEST_DB"] = url
     cli = Cli(url=url, env=env)
     cli.ok("migrate", "--db", url)
     return cli
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return migrated_cli(tmp_path)
 
 
 def one_error_line(result: subprocess.CompletedProcess[str], status: int) -> str:
@@ -88,6 +98,23 @@ def test_migrate_is_idempotent_and_leaves_an_empty_database(cli: Cli) -> None:
     assert cli.runs() == []
     assert cli.ok("runs", "--db", cli.url).splitlines() == [
         "ID  JOB  STATUS  ATTEMPT  CREATED (UTC)  PROGRESS  ERROR"
+    ]
+
+
+def test_version_prints_the_installed_package_version(cli: Cli) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert cli.ok("--version") == f"durably {pyproject['project']['version']}\n"
+
+
+def test_the_input_is_a_positional_argument_or_input_and_defaults_to_an_empty_object(cli: Cli) -> None:
+    positional = cli.ok("trigger", "--app", APP, "echo", '{"via": "argument"}').split()[0]
+    option = cli.trigger("echo", '{"via": "option"}')
+    neither = cli.ok("trigger", "--app", APP, "echo").split()[0]
+    inputs = {r["id"]: r["input"] for r in cli.runs()}
+    assert [inputs[positional], inputs[option], inputs[neither]] == [
+        {"via": "argument"},
+        {"via": "option"},
+        {},
     ]
 
 
@@ -119,6 +146,32 @@ def test_trigger_wait_executes_the_run_and_prints_its_output_as_json(cli: Cli) -
     assert (run["status"], run["output"]) == ("completed", {"counted": 3})
 
 
+def test_trigger_wait_on_a_pipe_prints_plain_lines_in_order(cli: Cli) -> None:
+    result = cli("trigger", "--app", APP, "chatty", '{"n": 2}', "--wait")
+    assert (result.returncode, result.stdout) == (0, '{"counted":2}\n'), result.stderr
+    assert "\r" not in result.stderr
+    assert "\x1b" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "starting to count" not in line]
+    assert lines == [
+        "[###############---------------]  50% 1/2 item 1",
+        'info  did item 1 {"i":1}',
+        "[##############################] 100% 2/2 item 2",
+        'info  did item 2 {"i":2}',
+    ]
+
+
+def test_progress_numbers_keep_their_type_in_the_database_and_on_screen(cli: Cli) -> None:
+    cli.ok("trigger", "--app", APP, "count", '{"n": 3}', "--wait")
+    [run] = cli.runs()
+    assert run["progress"] == {"current": 3, "total": 3, "message": "item 3"}
+    assert [type(run["progress"][k]) for k in ("current", "total")] == [int, int]
+    assert "  3/3 item 3" in cli.ok("runs", "--db", cli.url)
+    big = Progress(1_500_000, 3_000_000)
+    assert render.progress_text(big) == "1500000/3000000"  # not 1.5e+06/3e+06
+    assert render.bar(big).endswith(" 50% 1500000/3000000")
+    assert render.progress_text(Progress(0.25, 1.0)) == "0.25/1"
+
+
 @pytest.mark.parametrize("job", ["process-image", "process_image"])
 def test_trigger_finds_a_job_by_job_name_or_handle_name(cli: Cli, job: str) -> None:
     result = cli("trigger", "--app", APP, job, "--input", '{"filename": "cat.png"}', "--wait")
@@ -137,7 +190,9 @@ def test_trigger_wait_exits_1_with_the_error_when_the_run_fails(cli: Cli) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["echo", "--input", "{oops"], "--input is not valid JSON"),
+        (["echo", "--input", "{oops"], "--input '{oops' is not valid JSON: "),
+        (["echo", "{a: 1}"], "INPUT '{a: 1}' is not valid JSON: object keys must be strings (byte 1)"),
+        (["echo", "{}", "--input", "{}"], "the input is given twice: pass it as INPUT or with --input"),
         (["process-image", "--input", '{"name": "x"}'], "filename"),
         (["nope", "--input", "{}"], "no job named 'nope'"),
     ],
@@ -272,19 +327,45 @@ def wait_until(condition: Any, timeout: float = 20.0) -> None:
 
 def test_the_worker_runs_pending_runs_and_stops_gracefully_on_sigterm(cli: Cli) -> None:
     quick = [cli.trigger("echo", f'{{"i": {i}}}') for i in range(3)]
+    failing = cli.trigger("fail", '{"message": "bad\\nnews"}')
     slow = cli.trigger("slow", '{"seconds": 1.5}')
-    worker = cli.popen("worker", "--app", APP, "--concurrency", "2")
-    try:
-        wait_until(lambda: {r["id"]: r["status"] for r in cli.runs()}.get(slow) == "leased")
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=20)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
-    assert worker.returncode == 0, stderr
+    stdout, stderr, returncode = run_worker_until(
+        cli, lambda: {r["id"]: r["status"] for r in cli.runs()}.get(slow) == "leased", "--concurrency", "2"
+    )
+    assert returncode == 0, stderr
     assert "concurrency 2" in stderr
     assert "SIGTERM received" in stderr
     statuses = {r["id"]: (r["status"], r["output"]) for r in cli.runs()}
     assert statuses[slow] == ("completed", {"slept": 1.5})
     assert [statuses[run_id] for run_id in quick] == [("completed", {"i": i}) for i in range(3)]
+    # One line per run that ended: id, job, status, duration (and the error of a failed run).
+    ended = {line.split()[0]: line for line in stdout.splitlines()}
+    assert len(ended) == len(stdout.splitlines()) == 5, stdout
+    for run_id in quick:
+        assert re.fullmatch(rf"{run_id} echo completed \d+\.\d\ds", ended[run_id])
+    assert re.fullmatch(rf"{failing} fail failed \d+\.\d\ds RuntimeError: bad news", ended[failing])
+    seconds = float(ended[slow].split()[3].removesuffix("s"))
+    assert ended[slow].startswith(f"{slow} slow completed ") and 1.5 <= seconds < 10
+
+
+def test_a_quiet_worker_prints_no_line_per_run(cli: Cli) -> None:
+    run_id = cli.trigger("echo", "{}")
+    stdout, stderr, returncode = run_worker_until(
+        cli, lambda: [r["status"] for r in cli.runs()] == ["completed"], "--quiet"
+    )
+    assert (returncode, stdout) == (0, ""), stderr
+    assert f"{run_id} echo" not in stderr
+
+
+def run_worker_until(cli: Cli, condition: Any, *args: str) -> tuple[str, str, int]:
+    """Start ``durably worker``, SIGTERM it once ``condition()`` holds; its stdout, stderr, status."""
+    worker = cli.popen("worker", "--app", APP, *args)
+    try:
+        wait_until(condition)
+        worker.send_signal(signal.SIGTERM)
+        stdout, stderr = worker.communicate(timeout=20)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    return stdout, stderr, worker.returncode

@@ -47,13 +47,13 @@ def test_events_prints_run_step_and_log_events_in_order(tmp_path: Path) -> None:
         "[run:start] process-image",
         "[step:start] #0",
         "[step:complete] #0",
-        "[run:progress] Progress(current=1.0,",
+        "[run:progress] Progress(current=1,",
         "[step:start] #1",
         "[step:complete] #1",
-        "[run:progress] Progress(current=2.0,",
+        "[run:progress] Progress(current=2,",
         "[step:start] #2",
         "[step:complete] #2",
-        "[run:progress] Progress(current=3.0,",
+        "[run:progress] Progress(current=3,",
     ], out
     assert "[log:write] info: image processed {'url': 'https://cdn.example.com/photo.jpg'" in out
     assert "[run:complete] output={'url': 'https://cdn.example.com/photo.jpg'}" in out

@@ -413,6 +413,34 @@ async def test_progress_reported_just_before_failing_lands(make_durably: Callabl
     assert (run.progress.current, run.progress.total, run.progress.message) == (2, 2, "almost")
 
 
+async def test_progress_keeps_the_number_types_it_was_given(make_durably: Callable[..., Durably]) -> None:
+    @define_job(name="progress-types", input=dict[str, Any])
+    async def job(step: StepContext, payload: dict[str, Any]) -> Any:
+        step.progress(*payload["progress"])
+        for bad in (float("nan"), float("inf")):
+            try:
+                step.progress(bad, 3)  # JSON would store null: the run could no longer be read
+            except ValueError as exc:
+                refused.append(str(exc))
+        return "done"
+
+    refused: list[str] = []
+    durably = make_durably().register(job=job)
+    seen: list[Progress] = []
+    durably.on("run:progress", lambda event: seen.append(event.progress))
+    for given in ([1, 3], [0.5, 2.0], [2, None]):
+        run = await _run_once(durably, "job", {"progress": given})
+        assert run.status == "completed", run.error
+        [emitted] = seen
+        seen.clear()
+        for progress in (emitted, run.progress):
+            assert progress is not None
+            assert [progress.current, progress.total] == given
+            assert [type(progress.current), type(progress.total)] == [type(v) for v in given]
+    expected = [f"step.progress(): current must be a finite number, got {v}" for v in ("nan", "inf")]
+    assert refused == expected * 3
+
+
 # --- logs -----------------------------------------------------------------------------
 
 

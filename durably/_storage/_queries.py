@@ -25,7 +25,8 @@ RETURNING {RUN_COLUMNS}"""
 
 INSERT_LABELS = """
 INSERT INTO durably_labels (key, value, run_seq)
-SELECT j.key, j.value, r.seq FROM durably_runs r, json_each(?) j WHERE r.id = ?"""
+SELECT j.key, j.value, r.seq FROM durably_runs r, json_each(?) j WHERE r.id = ?
+ON CONFLICT DO NOTHING"""
 
 SELECT_RUN_BY_ID = f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE id = ?"
 SELECT_RUN_BY_IDEMPOTENCY_KEY = (

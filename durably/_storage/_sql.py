@@ -18,6 +18,8 @@ from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRA
 from durably.errors import ConflictError, NotFoundError, StorageError
 
 _RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
+# A run whose lease ended under a given generation, leaving it in a given status.
+_ENDED_AS = "SELECT 1 FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = ?"
 
 
 def _text(value: Value) -> str:
@@ -232,14 +234,29 @@ class SqlStorage:
                 statements.append((q.SELECT_RUN_BY_IDEMPOTENCY_KEY, (run.job_name, run.idempotency_key)))
             positions.append((insert, existing))
         results = await self._driver.write(statements)
-        created = []
-        for insert, existing in positions:
-            if results[insert]:
-                created.append(_run_from_row(results[insert][0], "created"))
-            else:  # the idempotency key was taken: nothing was written for this one
-                assert existing is not None
-                created.append(_run_from_row(results[existing][0], "idempotent"))
-        return created
+        found: dict[str, Row] = {}
+        for run, (insert, existing) in zip(runs, positions, strict=True):
+            rows = results[insert] or (results[existing] if existing is not None else [])
+            if rows:
+                found[run.id] = rows[0]
+        if len(found) < len(runs):
+            found |= await self._landed_runs([run.id for run in runs if run.id not in found])
+        # A run stored under its own id was created by this call, perhaps by an earlier send of
+        # this very request whose answer the connection lost (SPEC §15); another id is an
+        # earlier run with the same idempotency key.
+        return [
+            _run_from_row(found[run.id], "created" if _text(found[run.id][0]) == run.id else "idempotent")
+            for run in runs
+        ]
+
+    async def _landed_runs(self, run_ids: list[str]) -> dict[str, Row]:
+        """The rows of runs whose INSERT found its id taken: a re-sent request that had landed."""
+        # Read on the primary (a write): a replica may not have synced the first send yet.
+        results = await self._driver.write([(q.SELECT_RUN_BY_ID, (run_id,)) for run_id in run_ids])
+        missing = [run_id for run_id, rows in zip(run_ids, results, strict=True) if not rows]
+        if missing:
+            raise StorageError(f"{self.url}: runs {missing} were neither stored nor found")
+        return {run_id: rows[0] for run_id, rows in zip(run_ids, results, strict=True)}
 
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
@@ -275,9 +292,18 @@ class SqlStorage:
         results = await self._driver.write([*_log_statements(lease, telemetry), main])
         return _held(results[-1])
 
+    async def _ending(self, lease: Lease, main: Statement, telemetry: Telemetry, status: str) -> bool:
+        """``_guarded`` for a write that ends the lease leaving the run in ``status``."""
+        if await self._guarded(lease, main, telemetry):
+            return True
+        # Perhaps an earlier send of this very write ended it and the connection lost the answer
+        # (SPEC §15): only this lease's holder can leave the run so under this generation.
+        [rows] = await self._driver.write([(_ENDED_AS, (lease.run_id, lease.generation, status))])
+        return bool(rows)
+
     async def release_lease(self, lease: Lease, telemetry: Telemetry) -> bool:
         params = (_progress_json(telemetry.progress), lease.run_id, lease.generation)
-        return await self._guarded(lease, (q.RELEASE_LEASE, params), telemetry)
+        return await self._ending(lease, (q.RELEASE_LEASE, params), telemetry, "pending")
 
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
         results = await self._driver.write(_save_step_statements(lease, step, telemetry))
@@ -295,11 +321,11 @@ class SqlStorage:
 
     async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
         params = (output.decode(), _progress_json(telemetry.progress), lease.run_id, lease.generation)
-        return await self._guarded(lease, (q.COMPLETE_RUN, params), telemetry)
+        return await self._ending(lease, (q.COMPLETE_RUN, params), telemetry, "completed")
 
     async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
         params = (error, _progress_json(telemetry.progress), lease.run_id, lease.generation)
-        return await self._guarded(lease, (q.FAIL_RUN, params), telemetry)
+        return await self._ending(lease, (q.FAIL_RUN, params), telemetry, "failed")
 
     async def get_run(self, run_id: str) -> Run | None:
         rows = await self._driver.read(q.SELECT_RUN_BY_ID, (run_id,))

@@ -44,10 +44,13 @@ def open_storage(
     auth_token: str | None = None,
     sync_url: str | None = None,
     sync_interval: float | None = None,
+    timeout: float | None = None,
 ) -> Storage:
     """The storage adapter for ``url``; no connection is opened until first use.
 
-    Raises ``ConfigurationError`` naming the accepted forms when ``url`` fits none.
+    ``timeout`` bounds each network request in seconds (remote and replica; default 2).
+    Raises ``ConfigurationError`` naming the accepted forms when ``url`` fits none, and
+    for a URL, token or timeout that cannot work, before any I/O.
     """
     if not isinstance(url, str):
         raise ConfigurationError(
@@ -62,7 +65,7 @@ def open_storage(
             )
         from durably.adapters._remote import RemoteStorage
 
-        return RemoteStorage(url, auth_token=auth_token)
+        return RemoteStorage(url, auth_token=auth_token, timeout=timeout)
     path = _local_path(url)
     if path is None:
         raise ConfigurationError(f"unsupported storage URL {url!r}; accepted: {_ACCEPTED}")
@@ -76,6 +79,7 @@ def open_storage(
             sync_url=sync_url,
             auth_token=auth_token,
             sync_interval=1.0 if sync_interval is None else sync_interval,
+            timeout=timeout,
         )
     return LocalFileStorage(path)
 

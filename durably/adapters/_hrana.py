@@ -16,15 +16,13 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import structlog
 
 from durably._storage._driver import Row, Statement, Value
 
+_logger = structlog.get_logger("durably")
+
 _MAX_CONNECTIONS = 16
-
-_Queued = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder()
 
 
 class HranaError(Exception):
@@ -48,6 +46,81 @@ class HttpStatusError(Exception):
         self.status = status
 
 
+class ProtocolError(Exception):
+    """The server's answer was not a Hrana answer to what was asked (garbled, cut short)."""
+
+
+# --- the wire shapes of a Hrana v2 pipeline answer ------------------------------------
+
+
+class _Null(msgspec.Struct, tag="null", tag_field="type"):
+    pass
+
+
+class _Integer(msgspec.Struct, tag="integer", tag_field="type"):
+    value: str
+
+
+class _Float(msgspec.Struct, tag="float", tag_field="type"):
+    value: float
+
+
+class _Text(msgspec.Struct, tag="text", tag_field="type"):
+    value: str
+
+
+class _Blob(msgspec.Struct, tag="blob", tag_field="type"):
+    base64: str
+
+
+_Cell = _Null | _Integer | _Float | _Text | _Blob
+
+
+class _StmtResult(msgspec.Struct):
+    rows: list[list[_Cell]]
+
+
+class _Error(msgspec.Struct):
+    message: str = "unknown error"
+    code: str | None = None
+
+
+class _BatchResult(msgspec.Struct):
+    step_results: list[_StmtResult | None]
+    step_errors: list[_Error | None]
+
+
+class _Execute(msgspec.Struct, tag="execute", tag_field="type"):
+    result: _StmtResult
+
+
+class _Batch(msgspec.Struct, tag="batch", tag_field="type"):
+    result: _BatchResult
+
+
+class _Close(msgspec.Struct, tag="close", tag_field="type"):
+    pass
+
+
+class _Ok(msgspec.Struct, tag="ok", tag_field="type"):
+    response: _Execute | _Batch | _Close
+
+
+class _Failed(msgspec.Struct, tag="error", tag_field="type"):
+    error: _Error
+
+
+class _PipelineAnswer(msgspec.Struct):
+    results: list[_Ok | _Failed]
+
+
+_Response = _Execute | _Batch | _Close
+_Queued = tuple[dict[str, Any], "asyncio.Future[_Response]"]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_PipelineAnswer)
+
+
 def encode_value(value: Value) -> dict[str, Any]:
     if value is None:
         return {"type": "null"}
@@ -62,36 +135,35 @@ def encode_value(value: Value) -> dict[str, Any]:
     raise TypeError(f"cannot send {type(value).__name__} to the database")
 
 
-def decode_value(value: dict[str, Any]) -> Value:
-    kind = value["type"]
-    if kind == "null":
+def _decode_cell(cell: _Cell) -> Value:
+    if isinstance(cell, _Null):
         return None
-    if kind == "integer":
-        return int(value["value"])
-    if kind == "float":
-        return float(value["value"])
-    if kind == "text":
-        return str(value["value"])
-    if kind == "blob":
-        encoded = value["base64"]
-        return base64.b64decode(encoded + "=" * (-len(encoded) % 4))
-    raise HranaError(f"unknown value type {kind!r} from the server", "PROTOCOL_ERROR")
+    if isinstance(cell, _Integer):
+        return int(cell.value)
+    if isinstance(cell, _Blob):
+        return base64.b64decode(cell.base64 + "=" * (-len(cell.base64) % 4), validate=True)
+    return cell.value
 
 
-def _stmt(sql: str, params: Sequence[Value]) -> dict[str, Any]:
-    return {"sql": sql, "args": [encode_value(p) for p in params], "want_rows": True}
+def _rows(result: _StmtResult | None) -> list[Row]:
+    if result is None:
+        raise ProtocolError("a statement that ran has no result")
+    try:
+        return [tuple(_decode_cell(cell) for cell in row) for row in result.rows]
+    except ValueError as exc:  # a garbled integer or base64 text
+        raise ProtocolError(f"undecodable value: {exc}") from exc
 
 
-def _rows(result: dict[str, Any]) -> list[Row]:
-    return [tuple(decode_value(cell) for cell in row) for row in result["rows"]]
-
-
-def _error(error: dict[str, Any]) -> HranaError:
-    return HranaError(str(error.get("message", "unknown error")), error.get("code"))
+def _error(error: _Error) -> HranaError:
+    return HranaError(error.message, error.code)
 
 
 def _ok(step: int) -> dict[str, Any]:
     return {"type": "ok", "step": step}
+
+
+def _stmt(sql: str, params: Sequence[Value]) -> dict[str, Any]:
+    return {"sql": sql, "args": [encode_value(p) for p in params], "want_rows": True}
 
 
 def atomic_batch(statements: Sequence[Statement]) -> dict[str, Any]:
@@ -111,6 +183,17 @@ def atomic_batch(statements: Sequence[Statement]) -> dict[str, Any]:
     return {"type": "batch", "batch": {"steps": steps}}
 
 
+def _answers(payload: bytes, expected: int) -> list[_Ok | _Failed]:
+    """The ``expected`` results of a pipeline answer (its closing one left out)."""
+    try:
+        results = _decoder.decode(payload).results
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed answer ({len(payload)} bytes): {exc}") from exc
+    if len(results) != expected + 1:
+        raise ProtocolError(f"{len(results)} results for {expected + 1} requests")
+    return results[:expected]
+
+
 class HranaClient:
     """Sends pipelines to ``{base_url}/v2/pipeline``.
 
@@ -118,6 +201,7 @@ class HranaClient:
     request (each still its own Hrana request: a failing one does not affect the
     others). A run's completion and the worker's next claim, or the step writes of
     several runs executing at once, cost one round trip instead of several.
+    Every request is answered within ``timeout`` seconds, with a result or an error.
     """
 
     def __init__(self, base_url: str, *, auth_token: str | None, timeout: float) -> None:
@@ -126,7 +210,7 @@ class HranaClient:
         self._headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if auth_token:
             self._headers["authorization"] = f"Bearer {auth_token}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout / 2)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._queued: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
@@ -144,9 +228,9 @@ class HranaClient:
             )
         return self._session
 
-    async def _pipeline(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _pipeline(self, request: dict[str, Any]) -> _Response:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        future: asyncio.Future[_Response] = loop.create_future()
         queued = self._queued.get(loop)
         if queued is None:
             queued = self._queued[loop] = []
@@ -157,27 +241,41 @@ class HranaClient:
     def _send_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         task = loop.create_task(self._send(self._queued.pop(loop), loop))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _send answers its futures before anything can fail; this is only reported.
+            _logger.error("sending a Hrana pipeline failed", exc_info=task.exception())
 
     async def _send(self, queued: list[_Queued], loop: asyncio.AbstractEventLoop) -> None:
-        requests = [request for request, _ in queued]
+        """Post ``queued`` as one pipeline; every future gets its answer, or the failure."""
         try:
-            body = _encoder.encode({"baton": None, "requests": [*requests, {"type": "close"}]})
-            results = _decoder.decode(await self._post(body, loop))["results"]
+            body = _encoder.encode({"baton": None, "requests": [*(r for r, _ in queued), {"type": "close"}]})
+            answers = _answers(await self._post(body, loop), len(queued))
         except BaseException as exc:
             for _, future in queued:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+            await self._forget_session()
             return
-        for (_, future), result in zip(queued, results, strict=False):
+        for (_, future), answer in zip(queued, answers, strict=True):
             if future.done():
                 continue  # its caller was cancelled; the request was made all the same
-            if result["type"] == "error":
-                future.set_exception(_error(result["error"]))
+            if isinstance(answer, _Failed):
+                future.set_exception(_error(answer.error))
             else:
-                future.set_result(result["response"])
+                future.set_result(answer.response)
+
+    async def _forget_session(self) -> None:
+        # After a failed request its connection is suspect; and a caller whose first use
+        # failed (``async with`` refused) may never call close(), so nothing is left open.
+        if len(self._sending) <= 1 and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def _post(self, body: bytes, loop: asyncio.AbstractEventLoop) -> bytes:
         async with self._session_for(loop).post(self._endpoint, data=body) as response:
@@ -188,16 +286,22 @@ class HranaClient:
 
     async def execute(self, sql: str, params: Sequence[Value]) -> list[Row]:
         response = await self._pipeline({"type": "execute", "stmt": _stmt(sql, params)})
-        return _rows(response["result"])
+        if not isinstance(response, _Execute):
+            raise ProtocolError(f"a {type(response).__name__.strip('_').lower()} answer to an execute")
+        return _rows(response.result)
 
     async def batch(self, statements: Sequence[Statement]) -> list[list[Row]]:
         response = await self._pipeline(atomic_batch(statements))
-        result = response["result"]
-        for error in result["step_errors"]:
+        if not isinstance(response, _Batch):
+            raise ProtocolError(f"a {type(response).__name__.strip('_').lower()} answer to a batch")
+        result = response.result
+        for error in result.step_errors:
             if error is not None:
                 raise _error(error)
-        step_results = result["step_results"][1 : 1 + len(statements)]
-        return [_rows(step) for step in step_results]
+        steps = len(statements) + 3  # BEGIN, the statements, COMMIT, ROLLBACK
+        if len(result.step_results) != steps or len(result.step_errors) != steps:
+            raise ProtocolError(f"{len(result.step_results)} step results for a batch of {steps}")
+        return [_rows(step) for step in result.step_results[1 : 1 + len(statements)]]
 
     async def close(self) -> None:
         if self._session is not None:

@@ -10,6 +10,7 @@ the token.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,22 +20,28 @@ import aiohttp
 
 from durably._storage._driver import Row, Statement, Value
 from durably._storage._sql import SqlStorage
-from durably.adapters._hrana import HranaClient, HranaError, HttpStatusError
+from durably.adapters._hrana import HranaClient, HranaError, HttpStatusError, ProtocolError
 from durably.errors import ConfigurationError, StorageError
 
 T = TypeVar("T")
 
 _SCHEMES = {"libsql": "https", "https": "https", "wss": "https", "http": "http", "ws": "http"}
 _BUSY_RETRIES = 12
-_TIMEOUT = 10.0
+# Well under the default lease (3 s): a blackholed server is reported before a lease lapses.
+DEFAULT_TIMEOUT = 2.0
 
 
 def http_base(url: str) -> tuple[str, str, str | None]:
     """(HTTP base URL, URL safe to print, token from ``?authToken=``) for a remote URL.
 
     WebSocket URLs are served over HTTP too: sqld and Turso answer Hrana on both.
+    Raises ``ConfigurationError`` for a URL that cannot be used, before any I/O.
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port out of range, an unclosed IPv6 bracket
+        raise ConfigurationError(f"invalid remote URL {redact(url)!r}: {exc}") from None
     scheme = _SCHEMES.get(parts.scheme)
     if scheme is None or not parts.hostname:
         raise ConfigurationError(
@@ -43,26 +50,51 @@ def http_base(url: str) -> tuple[str, str, str | None]:
     query = urllib.parse.parse_qs(parts.query)
     tokens = query.get("authToken") or query.get("auth_token") or []
     token = tokens[0] if tokens else None
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host + (f":{port}" if port else "")
     base = urllib.parse.urlunsplit((scheme, netloc, parts.path, "", ""))
     return base, redact(url), token
 
 
 def redact(url: str) -> str:
     """``url`` without its query string or user info, where tokens may hide."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return url.split("?", 1)[0].split("@", 1)[-1]
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_token(token: str | None) -> str | None:
+    """``token`` if it can go in an HTTP header; ``ConfigurationError`` (not showing it) if not."""
+    if token is not None and not all("!" <= char <= "~" for char in token):
+        raise ConfigurationError(
+            "the auth token holds a space, newline or non-ASCII character, which cannot go"
+            " in an HTTP header: check how it was read (a trailing newline from a file?)"
+        )
+    return token
+
+
+def check_timeout(timeout: float | None) -> float:
+    """``timeout`` in seconds (the default for ``None``); ``ConfigurationError`` unless positive."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
 
 
 class RemoteDriver:
     """Runs statements on a remote libSQL server; no connection before the first use."""
 
-    def __init__(self, url: str, *, auth_token: str | None = None, timeout: float = _TIMEOUT) -> None:
+    def __init__(self, url: str, *, auth_token: str | None = None, timeout: float | None = None) -> None:
         base, self._url, url_token = http_base(url)
-        self._client = HranaClient(base, auth_token=auth_token or url_token, timeout=timeout)
+        self._timeout = check_timeout(timeout)
+        token = check_token(auth_token or url_token)
+        self._client = HranaClient(base, auth_token=token, timeout=self._timeout)
 
     @property
     def url(self) -> str:
@@ -79,25 +111,27 @@ class RemoteDriver:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         delay = 0.005
+        busy_retries = 0
         stale_retried = False
-        for attempt in range(_BUSY_RETRIES + 1):
+        while True:
             try:
                 return await operation()
             except HranaError as exc:
-                if not exc.busy or attempt == _BUSY_RETRIES:
+                if not exc.busy or busy_retries == _BUSY_RETRIES:
                     raise self._translate(exc) from exc
+                busy_retries += 1
             except aiohttp.ServerDisconnectedError as exc:
                 # A kept-alive connection the server closed (a restart) fails on reuse;
-                # try once more on a new one. Durably's writes are idempotent or fenced.
+                # try once more on a new one. A re-sent write may have landed the first
+                # time: SqlStorage reads such writes as done (SPEC §15).
                 if stale_retried:
                     raise self._translate(exc) from exc
                 stale_retried = True
                 continue
-            except (TimeoutError, aiohttp.ClientError, HttpStatusError) as exc:
+            except (TimeoutError, aiohttp.ClientError, HttpStatusError, ProtocolError) as exc:
                 raise self._translate(exc) from exc
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.5)
-        raise AssertionError("unreachable")
 
     def _translate(self, exc: Exception) -> StorageError:
         if isinstance(exc, HranaError):
@@ -110,15 +144,20 @@ class RemoteDriver:
             return StorageError(
                 f"server error from {self._url}: {exc}", transient=exc.status >= 500 or exc.status == 429
             )
+        if isinstance(exc, ProtocolError):
+            return StorageError(f"garbled answer from {self._url}: {exc}", transient=True)
+        if isinstance(exc, TimeoutError):
+            return StorageError(f"no answer from {self._url} within {self._timeout:g} s", transient=True)
         if isinstance(exc, aiohttp.ClientConnectorError):
             return StorageError(f"cannot reach {self._url}: {exc.os_error}", transient=True)
-        if isinstance(exc, asyncio.TimeoutError):
-            return StorageError(f"no answer from {self._url} within {_TIMEOUT} s", transient=True)
         return StorageError(f"connection to {self._url} failed: {type(exc).__name__}: {exc}", transient=True)
 
 
 class RemoteStorage(SqlStorage):
-    """Storage on a remote libSQL server (Turso, or self-hosted sqld)."""
+    """Storage on a remote libSQL server (Turso, or self-hosted sqld).
 
-    def __init__(self, url: str, *, auth_token: str | None = None) -> None:
-        super().__init__(RemoteDriver(url, auth_token=auth_token))
+    ``timeout`` bounds each request in seconds (default 2, under the default lease).
+    """
+
+    def __init__(self, url: str, *, auth_token: str | None = None, timeout: float | None = None) -> None:
+        super().__init__(RemoteDriver(url, auth_token=auth_token, timeout=timeout))

@@ -37,7 +37,7 @@ def push_total(account: str, total: int) -> dict[str, Any]:
 async def sync_invoices(step: StepContext, payload: dict[str, str]) -> dict[str, Any]:
     amounts = await step.run("fetch", fetch_invoices, payload["account"])
     total = await step.run("sum", sum, amounts)
-    return await step.run("push", push_total, payload["account"], total)
+    return await step.run("push", push_total, payload["account"], total, type=dict[str, Any])
 
 
 @define_job(name="long-export", input=dict[str, int])

@@ -10,6 +10,10 @@ Thread based (no asyncio), all threads are daemons with bounded waits.
     proxy.drop()               # blackhole: stop moving bytes, hold new connections
     proxy.heal()               # back to normal; held bytes/connections flow again
     proxy.reset()              # RST every current connection (SO_LINGER 0)
+    proxy.answer_with(raw)     # answer each request with these raw bytes, then close;
+                               # only requests whose path starts with ``paths=`` if given
+    proxy.lose_answers(n)      # the next n answers: the server did the work, the client gets
+                               # the connection closed instead of the answer
     proxy.stop()
 """
 
@@ -119,7 +123,23 @@ class _Conn:
         self.client = client
         self.upstream: socket.socket | None = None
         self.closed = threading.Event()
-        self.counter = _HttpCounter(proxy._on_request)
+        self.counter = _HttpCounter(self._on_request)
+        self.canned: bytes | None = None  # the answer to the request being read, not forwarded
+
+    def _on_request(self, method: str, path: str, upgrade: bool) -> None:
+        self.proxy._on_request(method, path, upgrade)
+        raw, paths = self.proxy._canned
+        if raw is not None and (paths is None or path.startswith(paths)):
+            self.canned = raw
+
+    def _answer_canned(self) -> None:
+        """Send the canned answer once the request is read in full, then close."""
+        if self.canned is None or self.counter._state != "head":
+            return
+        with contextlib.suppress(OSError):
+            self.client.sendall(self.canned)
+            self.client.shutdown(socket.SHUT_WR)
+        self.close()
 
     def run(self) -> None:
         p = self.proxy
@@ -141,12 +161,15 @@ class _Conn:
             t.join(2)
         finally:
             self.close()
+            if self.upstream is not None:  # connected after a concurrent close(): still closed
+                with contextlib.suppress(OSError):
+                    self.upstream.close()
             p._forget(self)
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream_dir: bool) -> None:
         p = self.proxy
-        src.settimeout(_TICK)
         try:
+            src.settimeout(_TICK)  # inside: the connection may be closed already
             while not self.closed.is_set() and p._running:
                 if p._dropped.is_set():
                     time.sleep(_TICK)  # leave bytes in kernel buffers, like a stalled link
@@ -163,8 +186,16 @@ class _Conn:
                 if upstream_dir:
                     p.bytes_up += len(data)
                     self.counter.feed(data)
+                    if self.canned is not None:
+                        self._answer_canned()
+                        continue
                 else:
                     p.bytes_down += len(data)
+                    if p._take_lost_answer():
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(socket.SHUT_RDWR)
+                        self.close()
+                        return
                 d = p._delay
                 if d > 0:
                     time.sleep(d)
@@ -198,6 +229,8 @@ class TcpProxy:
         self._running = False
         self._dropped = threading.Event()
         self._delay = 0.0
+        self._canned: tuple[bytes | None, str | None] = (None, None)
+        self._lost_answers = 0
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._accept_thread: threading.Thread | None = None
@@ -272,10 +305,25 @@ class TcpProxy:
         for c in conns:
             c.close(rst=True)
 
+    def answer_with(self, raw: bytes | None, *, paths: str | None = None) -> None:
+        """Answer each request (whose path starts with ``paths``) with ``raw``, then close.
+
+        The request never reaches the server. ``None`` forwards requests again.
+        """
+        self._canned = (raw, paths)
+
+    def lose_answers(self, count: int = 1) -> None:
+        """The next ``count`` answers are lost: the connection closes as the server answers."""
+        with self._lock:
+            self._lost_answers = count
+
     def heal(self) -> None:
-        """Clear delay and drop."""
+        """Clear delay, drop, canned answers and lost answers."""
         self._delay = 0.0
         self._dropped.clear()
+        self._canned = (None, None)
+        with self._lock:
+            self._lost_answers = 0
 
     # -- counters -----------------------------------------------------------------
     @property
@@ -299,6 +347,13 @@ class TcpProxy:
                 self.ws_upgrades += 1
             self.request_log.append((method, path))
 
+    def _take_lost_answer(self) -> bool:
+        with self._lock:
+            if self._lost_answers <= 0:
+                return False
+            self._lost_answers -= 1
+            return True
+
     def _forget(self, conn: _Conn) -> None:
         with self._lock:
             self._conns.discard(conn)
@@ -320,3 +375,86 @@ class TcpProxy:
                 self.connections_accepted += 1
                 self._conns.add(conn)
             threading.Thread(target=conn.run, daemon=True).start()
+
+
+class ProxyProcess:
+    """A ``TcpProxy`` in a child process, driven by method name over its stdin.
+
+    For traffic from code that holds the GIL while it waits on the network (libsql's
+    replica sync): an in-process proxy thread could never forward it.
+
+        with ProxyProcess("127.0.0.1", sqld.port) as proxy:
+            proxy.call("answer_with", b"HTTP/1.1 503 ...", paths="/wal_log")
+            proxy.request_log()   # [(method, path), ...]
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.proxy", target_host, str(target_port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],  # where ``tests`` is a package
+        )
+        self.port = int(self._read())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> str:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the proxy process ended")
+        return line.decode().strip()
+
+    def call(self, method: str, *args: object, **kwargs: object) -> object:
+        """Call ``TcpProxy.<method>`` in the child; its result (for plain values)."""
+        import pickle
+
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(pickle.dumps((method, args, kwargs)).hex().encode() + b"\n")
+        self._proc.stdin.flush()
+        return pickle.loads(bytes.fromhex(self._read()))
+
+    def request_log(self) -> list[tuple[str, str]]:
+        return self.call("_log")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(5)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_commands(host: str, port: int) -> None:
+    import pickle
+    import sys
+
+    proxy = TcpProxy(host, port).start()
+    proxy._log = lambda: list(proxy.request_log)  # type: ignore[attr-defined]
+    print(proxy.port, flush=True)
+    for line in sys.stdin:  # ends when the parent closes stdin (or dies)
+        method, args, kwargs = pickle.loads(bytes.fromhex(line.strip()))
+        result = getattr(proxy, method)(*args, **kwargs)
+        print(pickle.dumps(result).hex(), flush=True)
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve_commands(sys.argv[1], int(sys.argv[2]))
