@@ -59,7 +59,7 @@ def describe(exc: BaseException) -> str:
 async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
     """Await a storage call for at most ``seconds``; a hung one becomes a transient ``StorageError``.
 
-    Worker and execution calls use half a lease, so a hang is reported (and a write
+    Worker and execution calls stop well within a lease, so a hang is reported (and a write
     retried) while the lease still holds, never waited out.
     """
     with anyio.move_on_after(seconds):

@@ -100,9 +100,10 @@ class Worker:
 
     @property
     def storage_timeout(self) -> float:
-        """How long one storage call may take: well within a lease, so a hung call is
-        reported (and retried) while the lease still holds."""
-        return self._stale_threshold / 2
+        """How long one storage call may take: two heartbeats short of a lease (at least half
+        of it), so a hung call is reported (and retried) while the lease still holds, and a
+        slow but working database (contention) is given time."""
+        return max(self._stale_threshold / 2, self._stale_threshold - 2 * self._heartbeat_interval)
 
     async def serve(self) -> None:
         """Claim and execute runs until ``request_stop()``; then wait for in-flight runs.
