@@ -378,8 +378,8 @@ def test_define_job_register_and_on_refuse_bad_arguments(
 @_settings
 @given(
     cron=st.one_of(st.sampled_from(["* * * * *", "0 3 * * *", "@daily", "61 * * * *"]), _any_text, _garbage),
-    payload=_values,
-    name=st.one_of(st.none(), _any_text, _garbage),
+    payload=st.one_of(st.just({"valid": True}), _values),
+    name=st.one_of(st.none(), st.just("nightly"), _any_text, _garbage),
     timezone=st.one_of(st.sampled_from(["UTC", "Europe/Paris", "Nowhere/Else"]), _any_text, _garbage),
 )
 def test_schedule_refuses_bad_arguments(
