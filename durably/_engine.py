@@ -24,7 +24,7 @@ from durably._schedules import Scheduler
 from durably._storage._protocol import Storage
 from durably._worker import Worker
 from durably.adapters import open_storage
-from durably.errors import ConfigurationError, DurablyError, NotFoundError
+from durably.errors import ConfigurationError, NotFoundError
 
 _logger = structlog.get_logger("durably")
 
@@ -38,6 +38,24 @@ def _positive(name: str, value: float) -> float:
     ):
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _non_negative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return min(float(value), 1e9)  # math.inf means "as long as it takes"
+
+
+async def _ended(task: asyncio.Task[None], timeout: float) -> bool:
+    """Whether ``task`` ends within ``timeout``; waiting is cancellable, the task is untouched."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    return bool(done)
+
+
+def _log_worker_end(task: asyncio.Task[None]) -> None:
+    """The worker task's result is always checked: an error that ended it is logged."""
+    if not task.cancelled() and task.exception() is not None:
+        _logger.error("worker ended with an error", exc_info=task.exception())
 
 
 def _concurrency(value: Any) -> int:
@@ -85,6 +103,7 @@ class Durably:
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._worker: Worker | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._stopping = False
         self._runs = Runs(
             self.storage,
             self._bus,
@@ -176,39 +195,50 @@ class Durably:
         if not self._migrated:
             await self.migrate()
 
+    def _new_worker(self) -> Worker:
+        return Worker(
+            storage=self.storage,
+            bus=self._bus,
+            jobs=self._definitions,
+            worker_id=self.worker_id,
+            polling_interval=self._polling_interval,
+            heartbeat_interval=self._heartbeat_interval,
+            stale_threshold=self._stale_threshold,
+            max_concurrent_runs=self._max_concurrent_runs,
+            on_finished=self._runs.finished,
+        )
+
     def _get_worker(self) -> Worker:
         if self._worker is None:
-            self._worker = Worker(
-                storage=self.storage,
-                bus=self._bus,
-                jobs=self._definitions,
-                worker_id=self.worker_id,
-                polling_interval=self._polling_interval,
-                heartbeat_interval=self._heartbeat_interval,
-                stale_threshold=self._stale_threshold,
-                max_concurrent_runs=self._max_concurrent_runs,
-                on_finished=self._runs.finished,
-            )
+            self._worker = self._new_worker()
         return self._worker
 
     def start(self) -> None:
-        """Start the worker in the background (call ``migrate()`` first)."""
-        if self._serving is not None and not self._serving.done():
+        """Start the worker in the background (call ``migrate()`` first).
+
+        Each start gets a fresh worker, so an instance can be started again after
+        ``stop()``, in the same event loop or another one, even while a worker whose
+        stop was cancelled is still winding down.
+        """
+        if self._serving is not None and not self._serving.done() and not self._stopping:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise ConfigurationError("start() must be called from a running event loop") from None
-        self._serving = loop.create_task(self._serve(), name="durably-worker")
+        worker = self._worker = self._new_worker()
+        self._stopping = False
+        self._serving = loop.create_task(self._serve(worker), name="durably-worker")
+        self._serving.add_done_callback(_log_worker_end)
 
-    async def _serve(self) -> None:
+    async def _serve(self, worker: Worker) -> None:
         async with anyio.create_task_group() as task_group:
             schedules = anyio.CancelScope()
-            task_group.start_soon(self._serve_schedules, schedules)
-            await self._get_worker().serve()
+            task_group.start_soon(self._serve_schedules, worker, schedules)
+            await worker.serve()
             schedules.cancel()
 
-    async def _serve_schedules(self, scope: anyio.CancelScope) -> None:
+    async def _serve_schedules(self, worker: Worker, scope: anyio.CancelScope) -> None:
         """Trigger each due tick; every host does this, the tick's idempotency key dedupes.
 
         The first pass runs at once, so the latest tick missed while no worker ran fires.
@@ -219,8 +249,8 @@ class Durably:
                 if self._scheduler:
                     try:
                         await self.trigger_due_schedules()
-                    except DurablyError as exc:
-                        self._get_worker().report(exc, "triggering due schedules")
+                    except Exception as exc:  # reported; the next tick is tried all the same
+                        worker.report(exc, "triggering due schedules")
                     now = _clock.to_datetime(_clock.now())
                     assert now is not None
                     wait = self._scheduler.seconds_until_next(now)
@@ -256,23 +286,34 @@ class Durably:
         self.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop claiming; let in-flight runs finish within ``timeout``, then release their leases."""
-        serving, self._serving = self._serving, None
-        if serving is None or self._worker is None:
+        """Stop claiming; let in-flight runs finish within ``timeout``, then release their leases.
+
+        Idempotent. Returns within ``timeout`` plus one bounded storage call; if the
+        caller is cancelled meanwhile, the runs are stopped at once and the worker
+        winds down on its own (its leases are released, or expire).
+        """
+        timeout = _non_negative("timeout", timeout)
+        serving, worker = self._serving, self._worker
+        if serving is None or worker is None:
             return
-        worker = self._worker
+        self._stopping = True
         worker.request_stop()
-        with anyio.CancelScope(shield=True):
-            done, _ = await asyncio.wait({serving}, timeout=timeout)
-            if not done:
-                worker.shut_down_runs()
-                await asyncio.wait({serving})
-            await self._bus.drain()
-        if not serving.cancelled() and serving.exception() is not None:
-            _logger.error("worker ended with an error", exc_info=serving.exception())
+        try:
+            if not await _ended(serving, timeout):
+                worker.shut_down_runs()  # each releases its lease, a bounded storage call
+                if not await _ended(serving, worker.storage_timeout):
+                    serving.cancel()
+            await self._bus.drain(timeout=worker.storage_timeout)
+        except BaseException:  # the caller's cancellation: stop now, do not wait
+            worker.shut_down_runs()
+            serving.cancel()
+            raise
+        finally:
+            if serving.done() and self._serving is serving:
+                self._serving = None
 
     async def close(self) -> None:
-        """Stop the worker and release the storage."""
+        """Stop the worker and release the storage; idempotent."""
         await self.stop()
         await self.storage.close()
 

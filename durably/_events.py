@@ -188,7 +188,7 @@ class EventBus:
         self._deferred: list[dict[str, Any]] = []
 
     def on(self, event_type: str, handler: Handler) -> Callable[[], None]:
-        if event_type != "*" and event_type not in EVENT_TYPES:
+        if not isinstance(event_type, str) or (event_type != "*" and event_type not in EVENT_TYPES):
             known = ", ".join(sorted(EVENT_TYPES))
             raise ConfigurationError(f"unknown event type {event_type!r}; use '*' or one of: {known}")
         if not callable(handler):
@@ -258,7 +258,9 @@ class EventBus:
         else:
             self.emit(WorkerErrorEvent, **report)
 
-    async def drain(self) -> None:
-        """Wait for async handlers still running (used on shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def drain(self, *, timeout: float) -> None:
+        """Wait up to ``timeout`` for this loop's async handlers still running (on shutdown)."""
+        loop = asyncio.get_running_loop()
+        tasks = {task for task in self._tasks if task.get_loop() is loop}
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from durably._models import LogEntry, Progress, Run, RunResult
+from durably._waiting import check_timeout
 from durably.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -204,6 +205,7 @@ class JobHandle(Generic[InputT, OutputT]):
         Raises ``RunFailedError``, ``RunCancelledError``, or ``TimeoutError`` (the
         run itself goes on).
         """
+        check_timeout(timeout)  # before anything is written
         run = await self.trigger(
             payload,
             idempotency_key=idempotency_key,

@@ -115,9 +115,15 @@ class ClaimedRun(msgspec.Struct, kw_only=True):
     """A run leased to a worker, with the fencing token and its completed steps.
 
     ``lease_generation`` guards every write the worker makes for the run.
-    ``steps`` maps a completed step's name to ``(index, stored JSON)``.
+    ``steps`` maps a completed step's name to ``(index, stored JSON)``;
+    ``log_counts`` the number of log lines stored per step name (``None``: the
+    job body), so a replayed body does not store them again. ``error``
+    says what of the stored run could not be decoded: such a run is failed with it,
+    never executed (its ``run`` then holds only the id and job name).
     """
 
     run: Run
     lease_generation: int
     steps: dict[str, tuple[int, bytes]]
+    log_counts: dict[str | None, int] = msgspec.field(default_factory=dict)
+    error: str | None = None

@@ -18,7 +18,7 @@ from durably._events import EventBus, RunCancelEvent, RunDeleteEvent, RunRetryEv
 from durably._job import JobDefinition
 from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
 from durably._storage._protocol import RunFilter, Storage
-from durably._waiting import Outcome, Waiters
+from durably._waiting import Outcome, Waiters, check_timeout
 from durably.errors import (
     NotFoundError,
     RunCancelledError,
@@ -27,6 +27,19 @@ from durably.errors import (
 )
 
 _STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+
+
+def _text(name: str, value: Any, *, empty: bool = True) -> str:
+    """A string argument that SQLite can store: valid Unicode (no lone surrogates)."""
+    if not isinstance(value, str) or (not empty and not value):
+        kind = "a string" if empty else "a non-empty string"
+        raise ValidationError(f"{name} must be {kind}, got {value!r}")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(f"{name} is not valid Unicode (a lone surrogate): {value!r}") from None
+    return value
 
 
 def _as_tuple(
@@ -41,33 +54,55 @@ def _as_tuple(
     else:
         raise ValidationError(f"{name} must be a string or a list of strings, got {value!r}")
     for item in values:
-        if not isinstance(item, str) or (allowed is not None and item not in allowed):
-            expected = f"one of {', '.join(allowed)}" if allowed else "a string"
-            raise ValidationError(f"{name} must be {expected}, got {item!r}")
+        _text(name, item)
+        if allowed is not None and item not in allowed:
+            raise ValidationError(f"{name} must be one of {', '.join(allowed)}, got {item!r}")
     return values
 
 
 def _check_labels(labels: Any) -> dict[str, str]:
     if labels is None:
         return {}
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
+    if not isinstance(labels, dict):
         raise ValidationError(f"labels must be a dict of str to str, got {labels!r}")
+    for key, value in labels.items():
+        _text("labels: a key", key)
+        _text(f"labels[{key!r}]", value)
     return labels
 
 
 def _check_key(name: str, key: Any) -> str | None:
-    if key is not None and (not isinstance(key, str) or not key):
-        raise ValidationError(f"{name} must be a non-empty string or None, got {key!r}")
-    return key
+    return None if key is None else _text(name, key, empty=False)
+
+
+def _check_run_id(run_id: Any) -> str:
+    return _text("run_id", run_id)
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def _check_count(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _INT64_MAX:
         kind = "positive" if minimum > 0 else "non-negative"
-        raise ValidationError(f"{name} must be a {kind} int, got {value!r}")
+        raise ValidationError(f"{name} must be a {kind} int of at most 2**63 - 1, got {value!r}")
     return value
+
+
+def _cutoff(older_than: Any) -> datetime:
+    """``purge_runs``' bound as an aware datetime; a timedelta counts back from now."""
+    if isinstance(older_than, timedelta):
+        try:
+            cutoff = _clock.to_datetime(_clock.now() - older_than.total_seconds())
+        except (OverflowError, ValueError, OSError):
+            raise ValidationError(f"older_than={older_than!r} reaches outside the calendar") from None
+        assert cutoff is not None
+        return cutoff
+    if isinstance(older_than, datetime):
+        if older_than.tzinfo is None or older_than.utcoffset() is None:
+            raise ValidationError("older_than must be a timezone-aware datetime (or a timedelta)")
+        return older_than
+    raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
 
 
 class Runs:
@@ -160,6 +195,7 @@ class Runs:
 
     async def wait_for_run(self, run_id: str, timeout: float | None = None) -> Run:
         """The run once it is completed, failed or cancelled; ``TimeoutError`` after ``timeout``."""
+        check_timeout(timeout)
         run = await self._require(run_id)
         await self._waiters.wait(run, timeout=timeout)
         return await self._require(run_id)
@@ -171,6 +207,7 @@ class Runs:
     # --- reading ---------------------------------------------------------------------------
 
     async def _require(self, run_id: str) -> Run:
+        _check_run_id(run_id)
         await self._ready()
         run = await self._storage.get_run(run_id)
         if run is None:
@@ -178,6 +215,7 @@ class Runs:
         return run
 
     async def get_run(self, run_id: str) -> Run | None:
+        _check_run_id(run_id)
         await self._ready()
         return await self._storage.get_run(run_id)
 
@@ -201,16 +239,19 @@ class Runs:
         return await self._storage.get_runs(run_filter)
 
     async def get_steps(self, run_id: str) -> list[Step]:
+        _check_run_id(run_id)
         await self._ready()
         return await self._storage.get_steps(run_id)
 
     async def get_logs(self, run_id: str) -> list[LogEntry]:
+        _check_run_id(run_id)
         await self._ready()
         return await self._storage.get_logs(run_id)
 
     # --- changing ----------------------------------------------------------------------------
 
     async def retry(self, run_id: str) -> Run:
+        _check_run_id(run_id)
         await self._ready()
         run = await self._storage.retry_run(run_id)
         self._bus.emit(
@@ -238,6 +279,7 @@ class Runs:
         return run
 
     async def cancel(self, run_id: str) -> Run:
+        _check_run_id(run_id)
         await self._ready()
         run, changed = await self._storage.cancel_run(run_id)
         if changed:
@@ -247,20 +289,13 @@ class Runs:
         return run
 
     async def delete_run(self, run_id: str) -> None:
+        _check_run_id(run_id)
         await self._ready()
         run = await self._storage.delete_run(run_id)
         self._bus.emit(RunDeleteEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
 
     async def purge_runs(self, older_than: timedelta | datetime, limit: int = 500) -> int:
-        if isinstance(older_than, timedelta):
-            cutoff = _clock.to_datetime(_clock.now() - older_than.total_seconds())
-        elif isinstance(older_than, datetime):
-            if older_than.tzinfo is None:
-                raise ValidationError("older_than must be a timezone-aware datetime (or a timedelta)")
-            cutoff = older_than
-        else:
-            raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
+        cutoff = _cutoff(older_than)
         _check_count("limit", limit, minimum=1)
         await self._ready()
-        assert cutoff is not None
         return await self._storage.purge_runs(completed_before=cutoff, limit=limit)

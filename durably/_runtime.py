@@ -34,7 +34,7 @@ from durably._events import (
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
-from durably.errors import StorageError, ValidationError
+from durably.errors import LeaseLostError, StorageError, ValidationError
 
 if TYPE_CHECKING:
     from durably._job import JobDefinition
@@ -56,6 +56,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
+    """Await a storage call for at most ``seconds``; a hung one becomes a transient ``StorageError``.
+
+    Worker and execution calls stop well within a lease, so a hang is reported (and a write
+    retried) while the lease still holds, never waited out.
+    """
+    with anyio.move_on_after(seconds):
+        return await call
+    raise StorageError(f"{what}: the database did not answer within {seconds:g} s", transient=True)
+
+
 class Execution:
     """One worker's execution of one claimed run, fenced by its lease generation."""
 
@@ -68,6 +79,7 @@ class Execution:
         bus: EventBus,
         worker_id: str,
         lease_seconds: float,
+        storage_timeout: float,
         on_finished: Finished,
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
         on_body_done: Callable[[Execution], None],
@@ -77,11 +89,18 @@ class Execution:
         self.job_name = claimed.run.job_name
         self.lease = Lease(claimed.run.id, claimed.lease_generation)
         self._stored_steps = claimed.steps
+        self._undecodable = claimed.error
+        # Replay (SPEC §3): the log calls a resumed body makes again are skipped, the n-th
+        # per step up to the stored count; progress is held back until replay ends.
+        self._logs_to_skip = dict(claimed.log_counts)
+        self._replaying = claimed.lease_generation > 1
+        self._held_progress: Progress | None = None
         self._definition = definition
         self._storage = storage
         self._bus = bus
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
+        self._storage_timeout = storage_timeout
         self._on_finished = on_finished
         self._scope: anyio.CancelScope | None = None
         self._finishing = False
@@ -129,9 +148,17 @@ class Execution:
 
     async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
         """(output JSON, None, None) on success; (None, error, failed step) on failure."""
+        if self._undecodable is not None:
+            # A row this worker cannot read fails its run, reported; the worker goes on.
+            error = ValidationError(self._undecodable)
+            self._report(error, "decoding a claimed run")
+            return None, describe(error), None
         try:
             payload = self._payload()
-            result = await self._definition.run(StepContext(self), payload)
+            try:
+                result = await self._definition.run(StepContext(self), payload)
+            finally:
+                self._end_replay()
             output = _codec.canonical(
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
@@ -184,30 +211,37 @@ class Execution:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
             try:
-                await self._storage.release_lease(self.lease, self._take_telemetry())
+                await self._bounded(self._storage.release_lease(self.lease, self._take_telemetry()))
             except StorageError as exc:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
             self._on_finished(self.run_id, "cancelled", None, None)
-        elif reason == "lease_lost":
-            self._log.warning("lease lost; run stopped", worker_id=self._worker_id)
-            self._bus.emit(
-                WorkerErrorEvent,
-                error=f"LeaseLostError: the lease on run {self.run_id} was taken over",
-                context="run execution",
-                run_id=self.run_id,
-            )
+        elif reason in ("lease_lost", "finished_elsewhere"):
+            self._report(self._lease_lost_error(), "run execution")
+
+    def _lease_lost_error(self) -> LeaseLostError:
+        finished = self.stop_reason == "finished_elsewhere"
+        how = "another worker finished the run" if finished else "another worker took it over"
+        return LeaseLostError(
+            f"the lease on run {self.run_id} (generation {self.lease.generation}) is lost: {how};"
+            " this execution stopped and wrote nothing more"
+        )
 
     async def why_lease_gone(self) -> StopReason:
+        """Why a fenced write or renewal was refused: cancelled, finished elsewhere, or taken over."""
         try:
-            run = await self._storage.get_run(self.run_id)
-        except StorageError:
+            run = await self._bounded(self._storage.get_run(self.run_id))
+        except Exception as exc:  # the lease is gone for sure; only the reason is unknown
+            self._report(exc, "reading a run whose lease was refused")
             return "lease_lost"
         if run is None or run.status == "cancelled":
             return "cancelled"
         if run.status in ("completed", "failed"):
             return "finished_elsewhere"
         return "lease_lost"
+
+    def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
+        return bounded(call, self._storage_timeout, f"run {self.run_id}")
 
     async def _lease_gone(self) -> None:
         """Stop this execution because a fenced write was refused."""
@@ -220,7 +254,7 @@ class Execution:
         delay = 0.05
         while True:
             try:
-                return await operation()
+                return await self._bounded(operation())
             except StorageError as exc:
                 if not exc.transient or time.monotonic() + delay > deadline:
                     raise
@@ -246,7 +280,7 @@ class Execution:
         self._bus.emit(event_class, run_id=self.run_id, job_name=self.job_name, **fields)
 
     def _report(self, exc: BaseException, context: str) -> None:
-        self._log.warning("storage error", context=context, error=describe(exc))
+        self._log.warning("worker error", context=context, error=describe(exc))
         self._bus.emit(WorkerErrorEvent, error=describe(exc), context=context, run_id=self.run_id)
 
     # --- steps -------------------------------------------------------------------
@@ -274,7 +308,20 @@ class Execution:
         if stored is not None:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             return self._result(stored[1], type_, name)
+        self._end_replay()
         return await self._execute_step(name, index, fn, args, kwargs, type_)
+
+    def _end_replay(self) -> None:
+        """The body reached code that never ran (a new step, or its end): progress flows again.
+
+        The last progress held back during replay lands unless it is the one stored.
+        """
+        if not self._replaying:
+            return
+        self._replaying = False
+        held, self._held_progress = self._held_progress, None
+        if held is not None and held != self.run.progress:
+            self._record_progress(held)
 
     async def _execute_step(
         self,
@@ -290,7 +337,7 @@ class Execution:
         started = time.perf_counter()
         token = _current_step.set(name)
         try:
-            output = encode_result(name, await call_step_function(fn, args, kwargs))
+            output = encode_result(name, await call_step_function(fn, args, kwargs), type_)
             telemetry = self._take_telemetry()
             record = StepRecord(
                 name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
@@ -327,12 +374,12 @@ class Execution:
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:
-        if type_ is None:
-            return _codec.decode(data)
         try:
-            return _codec.decode_as(data, type_)
-        except msgspec.ValidationError as exc:
-            raise ValidationError(f"stored result of step {name!r} does not fit {type_!r}: {exc}") from exc
+            return _codec.decode(data) if type_ is None else _codec.decode_as(data, type_)
+        except msgspec.DecodeError as exc:  # a corrupt stored result, or one that does not fit
+            expected = "JSON" if type_ is None else repr(type_)
+            message = f"stored result of step {name!r} does not decode as {expected}: {exc}"
+            raise ValidationError(message) from exc
 
     # --- progress and logs ----------------------------------------------------------
 
@@ -342,6 +389,7 @@ class Execution:
         self._on_loop(self._record_progress, checked_progress(current, total, message))
 
     def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
+        _codec.canonical(data, dict[str, Any], what=f"the data of log line {message!r}")
         step_name = _current_step.get()
         getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
         entry = LogEntry(
@@ -360,11 +408,18 @@ class Execution:
             self._loop.call_soon_threadsafe(record, value)
 
     def _record_progress(self, progress: Progress) -> None:
+        if self._replaying:
+            self._held_progress = progress
+            return
         self._emit(RunProgressEvent, progress=progress)
         self._telemetry.progress = progress
         self._telemetry_changed()
 
     def _record_log(self, entry: LogEntry) -> None:
+        skip = self._logs_to_skip.get(entry.step_name, 0)
+        if skip:  # stored before the interruption by this same call
+            self._logs_to_skip[entry.step_name] = skip - 1
+            return
         self._emit(
             LogWriteEvent,
             step_name=entry.step_name,

@@ -90,12 +90,9 @@ class StepContext:
         self._execution.progress(current, total, message)
 
 
-def encode_result(name: str, value: Any) -> bytes:
-    """A step result as JSON; a ``TypeError`` naming the step when JSON cannot hold it."""
-    try:
-        return _codec.encode(value)
-    except TypeError as exc:
-        raise TypeError(f"step {name!r} returned a value that cannot be stored as JSON: {exc}") from exc
+def encode_result(name: str, value: Any, type_: Any) -> bytes:
+    """A step result as JSON; a ``ValidationError`` naming the step when it would not come back as is."""
+    return _codec.canonical(value, Any if type_ is None else type_, what=f"the result of step {name!r}")
 
 
 def checked_progress(current: int | float, total: int | float | None, message: str | None) -> Progress:

@@ -12,7 +12,15 @@ from durably import _codec
 from durably._events import EventBus, LogWriteEvent, RunProgressEvent
 from durably._models import LogEntry, Progress, Run
 from durably._storage._protocol import Storage
-from durably.errors import ConfigurationError, NotFoundError
+from durably.errors import NotFoundError, ValidationError
+
+
+def check_timeout(timeout: Any) -> None:
+    """``None`` (wait as long as it takes) or a positive number of seconds."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise ValidationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 class Outcome(msgspec.Struct):
@@ -53,8 +61,7 @@ class Waiters:
         on_log: Callable[[LogEntry], Any] | None = None,
     ) -> Outcome:
         """The outcome of ``run``; ``TimeoutError`` after ``timeout`` seconds (the run goes on)."""
-        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_timeout(timeout)
         watcher = _Watcher(run.id, self._bus, on_progress, on_log)
         waiter = _Waiter()
         self._waiters.setdefault(run.id, []).append(waiter)

@@ -12,7 +12,7 @@ import structlog
 
 from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun
-from durably._runtime import Execution, Finished, describe
+from durably._runtime import Execution, Finished, bounded, describe
 from durably._storage._protocol import Storage
 from durably.errors import StorageError
 
@@ -98,9 +98,18 @@ class Worker:
 
     # --- the loop -----------------------------------------------------------------
 
+    @property
+    def storage_timeout(self) -> float:
+        """How long one storage call may take: two heartbeats short of a lease (at least half
+        of it), so a hung call is reported (and retried) while the lease still holds, and a
+        slow but working database (contention) is given time."""
+        return max(self._stale_threshold / 2, self._stale_threshold - 2 * self._heartbeat_interval)
+
     async def serve(self) -> None:
-        """Claim and execute runs until ``request_stop()``; then wait for in-flight runs."""
-        self._stopping = False
+        """Claim and execute runs until ``request_stop()``; then wait for in-flight runs.
+
+        Nothing ends this loop but a stop: any error is reported and followed by a backoff.
+        """
         backoff = _Backoff()
         async with anyio.create_task_group() as task_group:
             heartbeat = anyio.CancelScope()
@@ -109,31 +118,44 @@ class Worker:
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     self._wake = anyio.Event()
-                    free = self.max_concurrent_runs - len(self._running) + len(self._finishing)
-                    if free > 0:
-                        try:
-                            claimed = await self.claim(free)
-                        except StorageError as exc:
-                            self.report(exc, "claiming runs")
-                            await anyio.sleep(backoff.delay())
-                            continue
-                        backoff.reset()
-                        for run in claimed:
-                            self._start(runs, run)
-                        if len(claimed) == free:
-                            continue
-                    with anyio.move_on_after(self._polling_interval):
-                        await self._wake.wait()
+                    try:
+                        busy = await self._claim_and_start(runs)
+                    except Exception as exc:  # storage, a row it cannot decode, a bug
+                        self.report(exc, "claiming runs")
+                        await self._idle(backoff.delay())
+                        continue
+                    backoff.reset()
+                    if not busy:
+                        await self._idle(self._polling_interval)
             heartbeat.cancel()
+
+    async def _claim_and_start(self, task_group: anyio.abc.TaskGroup) -> bool:
+        """Fill the free slots; whether all of them were filled (so look again at once)."""
+        free = self.max_concurrent_runs - len(self._running) + len(self._finishing)
+        if free <= 0:
+            return False
+        claimed = await self.claim(free)
+        for run in claimed:
+            self._start(task_group, run)
+        return len(claimed) == free
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop)."""
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
 
     async def claim(self, limit: int) -> list[ClaimedRun]:
         if not self._jobs:
             return []
-        return await self._storage.claim_runs(
-            worker_id=self.worker_id,
-            job_names=list(self._jobs),
-            limit=limit,
-            lease_seconds=self._stale_threshold,
+        return await bounded(
+            self._storage.claim_runs(
+                worker_id=self.worker_id,
+                job_names=list(self._jobs),
+                limit=limit,
+                lease_seconds=self._stale_threshold,
+            ),
+            self.storage_timeout,
+            "claiming runs",
         )
 
     def _start(self, task_group: anyio.abc.TaskGroup, claimed: ClaimedRun) -> Execution:
@@ -144,6 +166,7 @@ class Worker:
             bus=self._bus,
             worker_id=self.worker_id,
             lease_seconds=self._stale_threshold,
+            storage_timeout=self.storage_timeout,
             on_finished=self._on_finished,
             spawn=task_group.start_soon,
             on_body_done=self._body_done,
@@ -188,7 +211,10 @@ class Worker:
         with scope:
             while True:
                 await anyio.sleep(self._heartbeat_interval)
-                await self.renew_leases()
+                try:
+                    await self.renew_leases()
+                except Exception as exc:  # a bug or bad data must not end the renewals
+                    self.report(exc, "renewing leases")
 
     async def renew_leases(self) -> None:
         """Renew every lease held in one statement; stop runs whose lease is gone."""
@@ -196,8 +222,12 @@ class Worker:
         if not executions:
             return
         try:
-            held = await self._storage.renew_leases(
-                [execution.lease for execution in executions], lease_seconds=self._stale_threshold
+            held = await bounded(
+                self._storage.renew_leases(
+                    [execution.lease for execution in executions], lease_seconds=self._stale_threshold
+                ),
+                self.storage_timeout,
+                "renewing leases",
             )
         except StorageError as exc:
             self.report(exc, "renewing leases")

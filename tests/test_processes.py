@@ -21,7 +21,7 @@ from anyio import to_thread
 from durably import Durably, create_durably
 from durably._storage._schema import LATEST_VERSION
 
-from .procs.worker import keyed, three_steps
+from .procs.worker import HANG_AT, PAGES, keyed, pages, three_steps
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -77,7 +77,9 @@ async def _wait_for(path: Path, needle: str, count: int = 1, timeout: float = 10
 @asynccontextmanager
 async def _instance(db: str) -> AsyncIterator[Durably]:
     """A durably instance for triggering and reading; it never starts a worker here."""
-    durably = create_durably(db, polling_interval=0.05).register(three_steps=three_steps, keyed=keyed)
+    durably = create_durably(db, polling_interval=0.05).register(
+        three_steps=three_steps, keyed=keyed, pages=pages
+    )
     try:
         yield durably
     finally:
@@ -115,6 +117,52 @@ async def test_a_killed_worker_process_is_resumed_by_another(tmp_path: Path) -> 
             ("step2", "completed", 2),
             ("step3", "completed", 3),
         ]
+
+
+async def test_a_resumed_body_does_not_store_or_emit_its_logs_and_progress_twice(tmp_path: Path) -> None:
+    """SPEC §3: on resume, log lines and progress made by code that already ran are not repeated."""
+    db = f"file:{tmp_path / 'jobs.db'}"
+    counter = tmp_path / "counter.txt"
+    counter.touch()
+    stop = tmp_path / "stop"
+    async with _instance(db) as durably:
+        run = await durably.jobs.pages.trigger({"counter": str(counter)})
+        # Before the kill: the body's "page 0..5" and the steps' "fetching 0..5" lines.
+        before_kill = 2 * (HANG_AT + 1)
+        async with _spawn(tmp_path, "first", "work", db, "--stop-file", str(stop), "--stale", "1.0") as first:
+            await _wait_for(counter, f"page-{HANG_AT}")
+            with anyio.fail_after(10):  # what the killed worker stored, within its 1 s flush
+                while True:
+                    if len(await durably.get_logs(run.id)) >= before_kill:
+                        break
+                    await anyio.sleep(0.05)
+            first.process.send_signal(signal.SIGKILL)
+            assert await first.wait(5) == -signal.SIGKILL
+        stored = await durably.get_run(run.id)
+        assert stored is not None
+        assert stored.progress is not None
+        assert stored.progress.current == HANG_AT
+
+        emitted: list[str] = []
+        progress: list[float] = []
+        durably.on("log:write", lambda event: emitted.append(event.message))
+        durably.on("run:progress", lambda event: progress.append(event.progress.current))
+        with anyio.fail_after(10):  # the dead worker's lease expires after 1 s
+            while True:
+                if await durably.process_until_idle():
+                    break
+                await anyio.sleep(0.1)
+        done = await durably.get_run(run.id)
+        assert done is not None
+        assert done.status == "completed", done.error
+        logs = await durably.get_logs(run.id)
+
+    expected = [message for page in range(PAGES) for message in (f"page {page}", f"fetching {page}")]
+    assert [entry.message for entry in logs] == expected
+    assert emitted == expected[2 * (HANG_AT + 1) :]  # nothing of what had run before
+    assert progress == [float(page) for page in range(HANG_AT + 1, PAGES + 1)]
+    # The interrupted step ran twice (at least once); its log line is stored once.
+    assert counter.read_text().split().count(f"page-{HANG_AT}") == 2
 
 
 async def test_several_processes_migrating_a_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:

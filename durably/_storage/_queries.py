@@ -67,6 +67,12 @@ COMPLETED_STEPS = """
 SELECT run_id, name, idx, output FROM durably_steps
 WHERE status = 'completed' AND run_id IN (SELECT value FROM json_each(?))"""
 
+# How many log lines each resumed run has stored, per step (NULL: the job body), read in
+# the same request as its steps: the replayed body does not store them again.
+LOG_COUNTS = """
+SELECT run_id, step_name, COUNT(*) FROM durably_logs
+WHERE run_id IN (SELECT value FROM json_each(?)) GROUP BY run_id, step_name"""
+
 RENEW_LEASES = f"""
 UPDATE durably_runs SET lease_expires_at = {NOW} + ?1
 WHERE id IN (SELECT value FROM json_each(?2)) AND status = 'leased'

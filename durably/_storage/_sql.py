@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import anyio
+import msgspec
 
 from durably import _codec
 from durably._clock import to_datetime
@@ -41,25 +42,96 @@ def _json(value: Value) -> Any:
     return None if value is None else _codec.decode(_text(value))
 
 
+class UndecodableError(StorageError):
+    """A stored column that cannot be read back (corrupt, or edited by hand); names it and the run."""
+
+
+# What reading a corrupt or hand-edited row can raise.
+_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, TypeError, OverflowError, OSError)
+
+
+def _column(name: str, row: Row, read: Callable[[Value], Any], value: Value) -> Any:
+    try:
+        return read(value)
+    except _DECODE_ERRORS as exc:
+        raise UndecodableError(f"column {name} of run {_text(row[0])!r} cannot be decoded: {exc}") from exc
+
+
+def _progress(value: Value) -> Progress | None:
+    return None if value is None else _codec.decode_as(_text(value), Progress)
+
+
+def _time(value: Value) -> datetime | None:
+    return to_datetime(_float(value))
+
+
 def _run_from_row(row: Row, disposition: str | None = None) -> Run:
-    progress = row[6]
+    """A run from its columns; ``UndecodableError`` naming the column that does not decode."""
     return Run(
         id=_text(row[0]),
         job_name=_text(row[1]),
         status=_text(row[2]),  # type: ignore[arg-type]
-        input=_json(row[3]),
-        output=_json(row[4]),
+        input=_column("input", row, _json, row[3]),
+        output=_column("output", row, _json, row[4]),
         error=None if row[5] is None else _text(row[5]),
-        progress=None if progress is None else _codec.decode_as(_text(progress), Progress),
-        labels=_json(row[7]) or {},
+        progress=_column("progress", row, _progress, row[6]),
+        labels=_column("labels", row, _json, row[7]) or {},
         idempotency_key=None if row[8] is None else _text(row[8]),
         concurrency_key=None if row[9] is None else _text(row[9]),
-        attempt=int(row[10] or 1),
-        created_at=to_datetime(_float(row[11])),  # type: ignore[arg-type]
-        started_at=to_datetime(_float(row[12])),
-        completed_at=to_datetime(_float(row[13])),
+        attempt=_column("attempt", row, _int, row[10]) or 1,
+        created_at=_column("created_at", row, _time, row[11]),
+        started_at=_column("started_at", row, _time, row[12]),
+        completed_at=_column("completed_at", row, _time, row[13]),
         disposition=disposition,  # type: ignore[arg-type]
     )
+
+
+def _claimed(row: Row, resumed: _Resumed) -> ClaimedRun:
+    """A claimed run; one whose row does not decode carries the error it is to be failed with."""
+    generation = _int(row[_RUN_WIDTH])
+    run_id = _text(row[0])
+    try:
+        run = _run_from_row(row[:_RUN_WIDTH])
+    except UndecodableError as exc:
+        # The run is leased to this worker now: it fails, the rest of the claim goes on.
+        bare = Run(
+            id=run_id,
+            job_name=_text(row[1]),
+            status="leased",
+            input=None,
+            created_at=to_datetime(0.0),  # type: ignore[arg-type]
+        )
+        return ClaimedRun(run=bare, lease_generation=generation, steps={}, error=str(exc))
+    return ClaimedRun(
+        run=run,
+        lease_generation=generation,
+        steps=resumed.steps.get(run_id, {}),
+        log_counts=resumed.log_counts.get(run_id, {}),
+        error=resumed.errors.get(run_id),
+    )
+
+
+class _Resumed:
+    """What resumed runs have stored: completed steps, log lines per step, decoding errors."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, dict[str, tuple[int, bytes]]] = {}
+        self.log_counts: dict[str, dict[str | None, int]] = {}
+        self.errors: dict[str, str] = {}
+
+    def add_steps(self, rows: list[Row]) -> None:
+        for run_id, name, index, output in rows:
+            try:
+                self.steps.setdefault(_text(run_id), {})[_text(name)] = (int(index), _text(output).encode())  # type: ignore[arg-type]
+            except _DECODE_ERRORS as exc:
+                self.errors[_text(run_id)] = (
+                    f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
+                )
+
+    def add_log_counts(self, rows: list[Row]) -> None:
+        for run_id, step_name, count in rows:
+            step = None if step_name is None else _text(step_name)
+            self.log_counts.setdefault(_text(run_id), {})[step] = _int(count)
 
 
 def _progress_json(progress: Progress | None) -> str | None:
@@ -215,20 +287,16 @@ class SqlStorage:
         # Only a run claimed before (generation > 1) can have stored steps. They are read
         # from the primary (a replica may not have synced them yet), and after the claim:
         # no one else can write steps for a run whose lease this worker now holds.
-        resumed = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
-        stored: dict[str, dict[str, tuple[int, bytes]]] = {}
-        if resumed:
-            [steps] = await self._driver.write([(q.COMPLETED_STEPS, (_codec.encode(resumed).decode(),))])
-            for run_id, name, index, output in steps:
-                stored.setdefault(_text(run_id), {})[_text(name)] = (_int(index), _text(output).encode())
-        claimed = [
-            ClaimedRun(
-                run=_run_from_row(row[:_RUN_WIDTH]),
-                lease_generation=_int(row[_RUN_WIDTH]),
-                steps=stored.get(_text(row[0]), {}),
+        resumed_ids = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
+        resumed = _Resumed()
+        if resumed_ids:
+            ids = _codec.encode(resumed_ids).decode()
+            steps, log_counts = await self._driver.write(
+                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,))]
             )
-            for row in runs
-        ]
+            resumed.add_steps(steps)
+            resumed.add_log_counts(log_counts)
+        claimed = [_claimed(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
 

@@ -214,7 +214,9 @@ class LocalFileDriver:
 
     def _start_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._queue,), name="durably-sqlite", daemon=True
+            )
             self._thread.start()
 
     async def _on_thread(self, statements: Sequence[Statement], *, write: bool) -> list[list[Row]]:
@@ -231,6 +233,7 @@ class LocalFileDriver:
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         # A run's completion and the worker's next claim, submitted by two tasks in one
         # pass of the loop, reach the database thread together: one commit, one wake-up.
+        self._start_thread()  # again: close() may have ended the thread meanwhile
         self._queue.put(self._pending.pop(loop))
 
     async def close(self) -> None:
@@ -241,9 +244,12 @@ class LocalFileDriver:
             no_wait.close()
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(None)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(thread.join)
+            # The thread ends by itself after its current group (a busy wait can take
+            # seconds): the caller's cancellation and timeouts are honoured, and a later
+            # use starts a new thread on a new queue.
+            jobs, self._queue = self._queue, queue.SimpleQueue()
+            jobs.put(None)
+            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
         self.checkpointer.wanted = False  # a request the thread did not see dies with it
 
     # --- on the database thread -------------------------------------------------
@@ -259,15 +265,16 @@ class LocalFileDriver:
             raise
         return conn
 
-    def _take(self) -> tuple[list[_Job], bool]:
+    @staticmethod
+    def _take(jobs_queue: queue.SimpleQueue[_Item]) -> tuple[list[_Job], bool]:
         """The next group of operations (waiting for one) and whether to go on afterwards."""
-        first = self._queue.get()
+        first = jobs_queue.get()
         if first is None:
             return [], False
         jobs = list(first)
         while len(jobs) < _MAX_GROUP:
             try:
-                more = self._queue.get_nowait()
+                more = jobs_queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
@@ -275,12 +282,12 @@ class LocalFileDriver:
             jobs.extend(more)
         return jobs, True
 
-    def _serve(self) -> None:
+    def _serve(self, jobs_queue: queue.SimpleQueue[_Item]) -> None:
         conn: sqlite3.Connection | None = None
         writes = 0
         running = True
         while running:
-            jobs, running = self._take()
+            jobs, running = self._take(jobs_queue)
             if jobs:
                 try:
                     if conn is None:

@@ -65,6 +65,32 @@ async def keyed(step: StepContext, payload: dict[str, Any]) -> Any:
     return payload["i"]
 
 
+PAGES = 8
+HANG_AT = 5
+
+
+def _fetch(step: StepContext, counter: str, page: int) -> int:
+    step.log.info(f"fetching {page}")
+    first_time = f"page-{page}" not in Path(counter).read_text().split()
+    append_line(counter, f"page-{page}")
+    if page == HANG_AT and first_time:
+        time.sleep(60)  # the test kills this process meanwhile
+    return page
+
+
+@define_job(name="pages", input=dict[str, Any])
+async def pages(step: StepContext, payload: dict[str, Any]) -> Any:
+    """Logs and reports progress between steps, as a crawler does; hangs once at page 5."""
+    counter = payload["counter"]
+    total = 0
+    for page in range(PAGES):
+        step.log.info(f"page {page}")
+        step.progress(page, PAGES)
+        total += await step.run(f"page-{page}", _fetch, step, counter, page)
+    step.progress(PAGES, PAGES)
+    return total
+
+
 async def work(args: argparse.Namespace) -> None:
     durably = create_durably(
         args.db,
@@ -72,7 +98,7 @@ async def work(args: argparse.Namespace) -> None:
         heartbeat_interval=args.stale / 5,
         stale_threshold=args.stale,
         max_concurrent_runs=args.concurrency,
-    ).register(three_steps=three_steps, keyed=keyed)
+    ).register(three_steps=three_steps, keyed=keyed, pages=pages)
     async with durably:
         if args.ready_file:
             append_line(args.ready_file, f"ready {os.getpid()}")
