@@ -21,7 +21,7 @@ __all__ = [
     "StepStatus",
 ]
 
-RunStatus = Literal["pending", "leased", "completed", "failed", "cancelled"]
+RunStatus = Literal["pending", "leased", "waiting", "completed", "failed", "cancelled"]
 StepStatus = Literal["completed", "failed"]
 LogLevel = Literal["info", "warn", "error"]
 Disposition = Literal["created", "idempotent"]
@@ -62,6 +62,10 @@ class Run(msgspec.Struct, kw_only=True):
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    priority: int = 0
+    wake_at: datetime | None = None
+    waiting_for: str | None = None
+    parent_run_id: str | None = None
     disposition: Disposition | None = None
 
     @property
@@ -109,6 +113,13 @@ class NewRun(msgspec.Struct, kw_only=True):
     labels: dict[str, str]
     idempotency_key: str | None
     concurrency_key: str | None
+    priority: int = 0
+    # Not claimable before: ``delay`` seconds from now on the database clock, or ``run_at``
+    # (epoch seconds); neither means at once.
+    delay: float | None = None
+    run_at: float | None = None
+    parent_run_id: str | None = None
+    trace_context: str | None = None
 
 
 class ClaimedRun(msgspec.Struct, kw_only=True):

@@ -26,7 +26,7 @@ from durably.errors import (
     ValidationError,
 )
 
-_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+_STATUSES = ("pending", "leased", "waiting", "completed", "failed", "cancelled")
 
 
 def _text(name: str, value: Any, *, empty: bool = True) -> str:

@@ -8,7 +8,8 @@ NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 RUN_COLUMNS = (
     "id, job_name, status, input, output, error, progress, labels, idempotency_key,"
-    " concurrency_key, attempt, created_at, started_at, completed_at"
+    " concurrency_key, attempt, created_at, started_at, completed_at,"
+    " priority, wake_at, waiting_for, parent_run_id"
 )
 
 TERMINAL = "('completed', 'failed', 'cancelled')"
@@ -18,8 +19,10 @@ LEASE_IS_HELD = f"EXISTS (SELECT 1 FROM durably_runs WHERE {HELD})"
 
 INSERT_RUN = f"""
 INSERT INTO durably_runs
-    (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at)
-VALUES (?, ?, 'pending', ?, ?, ?, ?, {NOW})
+    (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
+     priority, wake_at, parent_run_id, trace_context)
+VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, {NOW},
+        ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11)
 ON CONFLICT DO NOTHING
 RETURNING {RUN_COLUMNS}"""
 
@@ -33,31 +36,45 @@ SELECT_RUN_BY_IDEMPOTENCY_KEY = (
     f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE job_name = ? AND idempotency_key = ?"
 )
 
-# One statement: stale leases first, then pending runs oldest first, where a
-# concurrency key admits only its oldest pending run and only while none holds it.
+# A pending run with a concurrency key is claimable only while no run holds that key and
+# no older run with it is claimable: trigger order within a key.
+_KEY_IS_FREE = f"""(r.concurrency_key IS NULL OR (
+    NOT EXISTS (SELECT 1 FROM durably_runs AS o
+                WHERE o.concurrency_key = r.concurrency_key AND o.status = 'leased')
+    AND NOT EXISTS (SELECT 1 FROM durably_runs AS o
+                    WHERE o.concurrency_key = r.concurrency_key AND o.seq < r.seq
+                      AND o.status = 'pending' AND (o.wake_at IS NULL OR o.wake_at <= {NOW}))))"""
+
+# One statement: stale leases first; then, by priority and trigger order, ready runs (the
+# durably_runs_ready index, walked in claim order) and due ones (durably_runs_due: delayed
+# or waiting runs whose wake_at has come, earliest first). Runs due later are never read.
 CLAIM_RUNS = f"""
 UPDATE durably_runs SET
     status = 'leased',
     lease_owner = ?1,
     lease_generation = lease_generation + 1,
     lease_expires_at = {NOW} + ?2,
-    started_at = COALESCE(started_at, {NOW})
+    started_at = COALESCE(started_at, {NOW}),
+    wake_at = NULL,
+    waiting_for = NULL
 WHERE seq IN (
     SELECT seq FROM durably_runs
     WHERE status = 'leased' AND lease_expires_at <= {NOW}
       AND job_name IN (SELECT value FROM json_each(?3))
     UNION ALL
     SELECT seq FROM (
-        SELECT seq FROM durably_runs AS r
-        WHERE status = 'pending'
-          AND job_name IN (SELECT value FROM json_each(?3))
-          AND (concurrency_key IS NULL OR (
-              NOT EXISTS (SELECT 1 FROM durably_runs AS o
-                          WHERE o.concurrency_key = r.concurrency_key AND o.status = 'leased')
-              AND NOT EXISTS (SELECT 1 FROM durably_runs AS o
-                              WHERE o.concurrency_key = r.concurrency_key
-                                AND o.status = 'pending' AND o.seq < r.seq)))
-        ORDER BY seq LIMIT ?4)
+        SELECT seq, priority FROM (
+            SELECT seq, priority FROM durably_runs AS r INDEXED BY durably_runs_ready
+            WHERE status = 'pending' AND wake_at IS NULL
+              AND job_name IN (SELECT value FROM json_each(?3)) AND {_KEY_IS_FREE}
+            ORDER BY priority DESC, seq LIMIT ?4)
+        UNION ALL
+        SELECT seq, priority FROM (
+            SELECT seq, priority FROM durably_runs AS r INDEXED BY durably_runs_due
+            WHERE wake_at <= {NOW} AND status IN ('pending', 'waiting')
+              AND job_name IN (SELECT value FROM json_each(?3)) AND {_KEY_IS_FREE}
+            ORDER BY wake_at LIMIT ?4)
+        ORDER BY priority DESC, seq LIMIT ?4)
     LIMIT ?4)
 RETURNING {RUN_COLUMNS}, lease_generation"""
 
@@ -114,13 +131,13 @@ WHERE {HELD} RETURNING 1"""
 
 CANCEL_RUN = f"""
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
-    lease_owner = NULL, lease_expires_at = NULL
-WHERE id = ? AND status IN ('pending', 'leased') RETURNING 1"""
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL
+WHERE id = ? AND status IN ('pending', 'leased', 'waiting') RETURNING 1"""
 
 RETRY_RUN = """
 UPDATE durably_runs SET status = 'pending', attempt = attempt + 1, output = NULL,
     error = NULL, started_at = NULL, completed_at = NULL,
-    lease_owner = NULL, lease_expires_at = NULL
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL
 WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING 1"""
 
 DELETE_STEPS = f"""

@@ -90,6 +90,40 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             )
         ),
     ),
+    # 3: durable time. A run may be delayed or wait (status 'waiting') until ``wake_at`` on
+    # the database clock, or until a signal or its children arrive; it may have a priority,
+    # a parent run and the trace context of the trigger that created it. Ready runs (no
+    # wake time) and due runs are found through two partial indexes, so runs waiting for
+    # later cost a claim nothing. Signals are kept until a wait consumes them; a schedule's
+    # first registration is remembered so it never fires a tick from before it.
+    (
+        "ALTER TABLE durably_runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE durably_runs ADD COLUMN wake_at REAL",
+        "ALTER TABLE durably_runs ADD COLUMN waiting_for TEXT",
+        "ALTER TABLE durably_runs ADD COLUMN parent_run_id TEXT",
+        "ALTER TABLE durably_runs ADD COLUMN trace_context TEXT",
+        "ALTER TABLE durably_steps ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
+        """CREATE INDEX IF NOT EXISTS durably_runs_ready ON durably_runs (priority DESC, seq)
+            WHERE status = 'pending' AND wake_at IS NULL""",
+        """CREATE INDEX IF NOT EXISTS durably_runs_due ON durably_runs (wake_at)
+            WHERE wake_at IS NOT NULL""",
+        """CREATE INDEX IF NOT EXISTS durably_runs_parent ON durably_runs (parent_run_id)
+            WHERE parent_run_id IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS durably_signals (
+            seq INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            consumed_by TEXT
+        )""",
+        """CREATE INDEX IF NOT EXISTS durably_signals_unconsumed ON durably_signals (run_id, name, seq)
+            WHERE consumed_by IS NULL""",
+        """CREATE TABLE IF NOT EXISTS durably_schedules (
+            name TEXT PRIMARY KEY,
+            first_registered_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -82,6 +82,10 @@ def _run_from_row(row: Row, disposition: str | None = None) -> Run:
         created_at=_column("created_at", row, _time, row[11]),
         started_at=_column("started_at", row, _time, row[12]),
         completed_at=_column("completed_at", row, _time, row[13]),
+        priority=_column("priority", row, _int, row[14]),
+        wake_at=_column("wake_at", row, _time, row[15]),
+        waiting_for=None if row[16] is None else _text(row[16]),
+        parent_run_id=None if row[17] is None else _text(row[17]),
         disposition=disposition,  # type: ignore[arg-type]
     )
 
@@ -245,6 +249,11 @@ class SqlStorage:
                 labels,
                 run.idempotency_key,
                 run.concurrency_key,
+                run.priority,
+                run.delay,
+                run.run_at,
+                run.parent_run_id,
+                run.trace_context,
             )
             statements.append((q.INSERT_RUN, params))
             if run.labels:

@@ -49,7 +49,7 @@ CREATE TABLE durably_runs (
             created_at REAL NOT NULL,
             started_at REAL,
             completed_at REAL
-        , change_seq INTEGER NOT NULL DEFAULT 0);
+        , change_seq INTEGER NOT NULL DEFAULT 0, priority INTEGER NOT NULL DEFAULT 0, wake_at REAL, waiting_for TEXT, parent_run_id TEXT, trace_context TEXT);
 
 -- index durably_runs_change
 CREATE INDEX durably_runs_change ON durably_runs (change_seq);
@@ -61,6 +61,10 @@ CREATE INDEX durably_runs_completed
 -- index durably_runs_concurrency
 CREATE INDEX durably_runs_concurrency
             ON durably_runs (concurrency_key, status, seq) WHERE concurrency_key IS NOT NULL;
+
+-- index durably_runs_due
+CREATE INDEX durably_runs_due ON durably_runs (wake_at)
+            WHERE wake_at IS NOT NULL;
 
 -- index durably_runs_idempotency
 CREATE UNIQUE INDEX durably_runs_idempotency
@@ -75,6 +79,14 @@ CREATE TRIGGER durably_runs_inserted AFTER INSERT ON durably_runs BEGIN
 -- index durably_runs_job
 CREATE INDEX durably_runs_job ON durably_runs (job_name, seq);
 
+-- index durably_runs_parent
+CREATE INDEX durably_runs_parent ON durably_runs (parent_run_id)
+            WHERE parent_run_id IS NOT NULL;
+
+-- index durably_runs_ready
+CREATE INDEX durably_runs_ready ON durably_runs (priority DESC, seq)
+            WHERE status = 'pending' AND wake_at IS NULL;
+
 -- index durably_runs_status
 CREATE INDEX durably_runs_status ON durably_runs (status, seq);
 
@@ -84,11 +96,31 @@ CREATE TRIGGER durably_runs_updated AFTER UPDATE OF status, progress, attempt, o
             WHERE seq = NEW.seq;
         END;
 
+-- table durably_schedules
+CREATE TABLE durably_schedules (
+            name TEXT PRIMARY KEY,
+            first_registered_at REAL NOT NULL
+        ) WITHOUT ROWID;
+
 -- table durably_schema_versions
 CREATE TABLE durably_schema_versions (
     version INTEGER PRIMARY KEY,
     applied_at REAL NOT NULL
 );
+
+-- table durably_signals
+CREATE TABLE durably_signals (
+            seq INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            consumed_by TEXT
+        );
+
+-- index durably_signals_unconsumed
+CREATE INDEX durably_signals_unconsumed ON durably_signals (run_id, name, seq)
+            WHERE consumed_by IS NULL;
 
 -- table durably_steps
 CREATE TABLE durably_steps (
@@ -99,7 +131,7 @@ CREATE TABLE durably_steps (
             output TEXT,
             error TEXT,
             started_at REAL,
-            completed_at REAL,
+            completed_at REAL, attempts INTEGER NOT NULL DEFAULT 1,
             PRIMARY KEY (run_id, name)
         ) WITHOUT ROWID;
 
