@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import durably.adapters._remote  # noqa: F401  (aiohttp's first import, ~0.5 s under load, not in a test's loop)
 from durably import Durably, create_durably, open_storage
 from durably._storage._protocol import Storage
 
