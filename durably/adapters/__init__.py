@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from durably._storage._protocol import Storage
-from durably.adapters._local import LocalFileStorage, check_path
+from durably.adapters._local import LocalFileStorage, check_path, check_synchronous
 from durably.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -60,10 +60,13 @@ def open_storage(
     sync_url: str | None = None,
     sync_interval: float | None = None,
     timeout: float | None = None,
+    synchronous: str | None = None,
 ) -> Storage:
     """The storage adapter for ``url``; no connection is opened until first use.
 
     ``timeout`` bounds each network request in seconds (remote and replica; default 2).
+    ``synchronous`` is the local file's durability, ``"normal"`` (default) or ``"full"``
+    (survives a power loss; see docs/guarantees.md); it is refused for other adapters.
     Raises ``ConfigurationError`` naming the accepted forms when ``url`` fits none, and
     for a URL, token or timeout that cannot work, before any I/O.
     """
@@ -73,6 +76,10 @@ def open_storage(
         )
     if sync_interval is not None and sync_interval <= 0:
         raise ConfigurationError(f"sync_interval must be a positive number of seconds, got {sync_interval!r}")
+    if synchronous is not None and (url.startswith(_REMOTE_SCHEMES) or sync_url is not None):
+        raise ConfigurationError(
+            "synchronous= applies to a local file only; a server's durability is its own setting"
+        )
     if url.startswith(_REMOTE_SCHEMES):
         if sync_url is not None:
             raise ConfigurationError(
@@ -96,7 +103,7 @@ def open_storage(
             sync_interval=1.0 if sync_interval is None else sync_interval,
             timeout=timeout,
         )
-    return LocalFileStorage(path)
+    return LocalFileStorage(path, synchronous=check_synchronous(synchronous or "normal"))
 
 
 def __getattr__(name: str) -> Any:

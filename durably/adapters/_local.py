@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
 
@@ -100,14 +100,24 @@ class _NotInWalMode(Exception):
     """Switching to WAL may wait for other connections: the database thread does it."""
 
 
+Synchronous = Literal["normal", "full"]
+
+
+def check_synchronous(value: object) -> Synchronous:
+    """``synchronous=`` as given, or ``ConfigurationError`` naming the accepted values."""
+    if value not in ("normal", "full"):
+        raise ConfigurationError(f"synchronous must be 'normal' or 'full', got {value!r}")
+    return value
+
+
 class _NoWaitConnection:
     """The event loop's own connection: runs an operation only if it needs no waiting."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: Synchronous) -> None:
         self._conn = _open(path, 0)
         try:
             in_wal = self._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         except BaseException:
             self._conn.close()
             raise
@@ -144,8 +154,9 @@ _Item = list[_Job] | None  # a group of operations (empty: only a wake-up), or s
 class LocalFileDriver:
     """Runs statements on a SQLite file (or ``:memory:``) from one worker thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, synchronous: Synchronous = "normal") -> None:
         self._path = check_path(path)
+        self._synchronous = check_synchronous(synchronous)
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         # Operations submitted during one pass of an event loop, handed over together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
@@ -182,7 +193,7 @@ class LocalFileDriver:
             return None  # a second event loop in another thread, or a checkpoint first: the thread
         try:
             if self._no_wait is None:
-                self._no_wait = _NoWaitConnection(self._path)
+                self._no_wait = _NoWaitConnection(self._path, self._synchronous)
             rows = self._no_wait.run(statements, write=write)
         except _NotInWalMode:
             return None
@@ -259,7 +270,7 @@ class LocalFileDriver:
         try:
             if self._path != ":memory:":
                 conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
         except BaseException:
             conn.close()
             raise
@@ -353,7 +364,11 @@ class LocalFileDriver:
 
 
 class LocalFileStorage(SqlStorage):
-    """Storage in a local SQLite file (WAL), or ``:memory:``; the default adapter."""
+    """Storage in a local SQLite file (WAL), or ``:memory:``; the default adapter.
 
-    def __init__(self, path: str) -> None:
-        super().__init__(LocalFileDriver(path))
+    ``synchronous="normal"`` (the default) survives a killed process but may lose the last
+    commits to a power loss; ``"full"`` fsyncs every commit (docs/guarantees.md).
+    """
+
+    def __init__(self, path: str, *, synchronous: Synchronous = "normal") -> None:
+        super().__init__(LocalFileDriver(path, synchronous=synchronous))
