@@ -194,6 +194,8 @@ class Execution:
         except StorageError as exc:
             # The lease will expire and another worker (or this one) resumes the run.
             self._report(exc, "storing the outcome of a run")
+            if exc.transient:  # retried for a lease's length: the lease has lapsed
+                self._report(self._lease_lost_error("storage_lost"), "run execution")
             return
         if not held:
             self.stop_reason = await self.why_lease_gone()
@@ -216,12 +218,14 @@ class Execution:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
             self._on_finished(self.run_id, "cancelled", None, None)
-        elif reason in ("lease_lost", "finished_elsewhere"):
-            self._report(self._lease_lost_error(), "run execution")
+        elif reason in ("lease_lost", "finished_elsewhere", "storage_lost"):
+            self._report(self._lease_lost_error(reason), "run execution")
 
-    def _lease_lost_error(self) -> LeaseLostError:
-        finished = self.stop_reason == "finished_elsewhere"
-        how = "another worker finished the run" if finished else "another worker took it over"
+    def _lease_lost_error(self, reason: StopReason) -> LeaseLostError:
+        how = {
+            "finished_elsewhere": "another worker finished the run",
+            "storage_lost": "the database was unreachable for longer than the lease, so it lapsed",
+        }.get(reason, "another worker took it over")
         return LeaseLostError(
             f"the lease on run {self.run_id} (generation {self.lease.generation}) is lost: {how};"
             " this execution stopped and wrote nothing more"

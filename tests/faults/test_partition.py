@@ -108,11 +108,6 @@ async def test_a_partitioned_worker_is_taken_over_and_writes_nothing_afterwards(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7 item 3: a stale worker stops silently (no worker:error) when another worker"
-    " already finished the run",
-)
 async def test_a_partitioned_worker_reports_each_lease_it_lost(sqld: SqldServer, tmp_path: Path) -> None:
     with proxy_to(sqld) as proxy:
         outcome = await _partition_one_host(sqld, tmp_path, proxy)
