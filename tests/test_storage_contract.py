@@ -512,3 +512,16 @@ async def test_a_fresh_migrate_matches_the_schema_snapshot(tmp_path: Path) -> No
             " regenerate with DURABLY_UPDATE_SNAPSHOTS=1):\n" + diff,
             pytrace=False,
         )
+
+
+async def test_read_primary_answers_several_reads_in_order(storage: Storage) -> None:
+    first, second = await _create(storage, _new(), _new())
+    assert isinstance(storage, SqlStorage)
+    rows = await storage._driver.read_primary(
+        [
+            ("SELECT id FROM durably_runs WHERE id = ?", (second.id,)),
+            ("SELECT id FROM durably_runs WHERE id = ?", (first.id,)),
+            ("SELECT id FROM durably_runs WHERE id = ?", ("missing",)),
+        ]
+    )
+    assert rows == [[(second.id,)], [(first.id,)], []]

@@ -28,6 +28,14 @@ class Driver(Protocol):
         """Rows of one read-only statement (a replica may answer it locally)."""
         ...
 
+    async def read_primary(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """Rows of read-only ``statements`` as the primary has them now, in one round trip.
+
+        For reads that must see this process's own latest writes (a replica may lag); no
+        transaction, no write lock.
+        """
+        ...
+
     async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
         """Run ``statements`` atomically on the primary; the rows of each.
 

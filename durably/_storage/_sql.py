@@ -281,8 +281,8 @@ class SqlStorage:
 
     async def _landed_runs(self, run_ids: list[str]) -> dict[str, Row]:
         """The rows of runs whose INSERT found its id taken: a re-sent request that had landed."""
-        # Read on the primary (a write): a replica may not have synced the first send yet.
-        results = await self._driver.write([(q.SELECT_RUN_BY_ID, (run_id,)) for run_id in run_ids])
+        # On the primary: a replica may not have synced the first send yet.
+        results = await self._driver.read_primary([(q.SELECT_RUN_BY_ID, (run_id,)) for run_id in run_ids])
         missing = [run_id for run_id, rows in zip(run_ids, results, strict=True) if not rows]
         if missing:
             raise StorageError(f"{self.url}: runs {missing} were neither stored nor found")
@@ -300,7 +300,7 @@ class SqlStorage:
         resumed = _Resumed()
         if resumed_ids:
             ids = _codec.encode(resumed_ids).decode()
-            steps, log_counts = await self._driver.write(
+            steps, log_counts = await self._driver.read_primary(
                 [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,))]
             )
             resumed.add_steps(steps)
@@ -328,7 +328,7 @@ class SqlStorage:
             return True
         # Perhaps an earlier send of this very write ended it and the connection lost the answer
         # (SPEC §15): only this lease's holder can leave the run so under this generation.
-        [rows] = await self._driver.write([(_ENDED_AS, (lease.run_id, lease.generation, status))])
+        [rows] = await self._driver.read_primary([(_ENDED_AS, (lease.run_id, lease.generation, status))])
         return bool(rows)
 
     async def release_lease(self, lease: Lease, telemetry: Telemetry) -> bool:

@@ -174,6 +174,9 @@ class LocalFileDriver:
     async def read(self, sql: str, params: Sequence[Value] = ()) -> list[Row]:
         return (await self._submit(((sql, params),), write=False))[0]
 
+    async def read_primary(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        return await self._submit(statements, write=False)  # the file is the primary
+
     async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
         return await self._submit(statements, write=True)
 

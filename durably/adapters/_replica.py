@@ -110,6 +110,9 @@ class ReplicaDriver:
             # Not synced with our own writes, or stuck in a long sync: the primary has it all.
             return await self._primary.read(sql, params)
 
+    async def read_primary(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        return await self._primary.read_primary(statements)
+
     async def write(self, statements: Sequence[Statement]) -> list[list[Row]]:
         try:
             return await self._primary.write(statements)
