@@ -98,8 +98,12 @@ class _Api:
 
     def __init__(self) -> None:
         from opentelemetry import metrics, propagate, trace
+        from opentelemetry.context import Context
 
         self.trace = trace
+        # No parent for run spans: each execution starts its own trace, linked to its trigger
+        # (docs/telemetry.md says why).
+        self.root = Context()
         self._metrics = metrics
         self._propagate = propagate
         self._providers: tuple[object, object] | None = None
@@ -164,12 +168,6 @@ class _Api:
         span_context = self.trace.get_current_span(self._propagate.extract(carrier)).get_span_context()
         return [self.trace.Link(span_context)] if span_context.is_valid else []
 
-    def run_parent(self) -> Context:
-        """No parent: each execution starts its own trace, linked to the trigger (see docs)."""
-        from opentelemetry.context import Context
-
-        return Context()
-
     def set_error(self, span: Span, description: str | None) -> None:
         span.set_status(self.trace.Status(self.trace.StatusCode.ERROR, description))
 
@@ -201,7 +199,7 @@ class _LiveRunTrace(RunTrace):
         started = time.perf_counter()
         with api.tracer.start_as_current_span(
             "durably.run",
-            context=api.run_parent(),
+            context=api.root,
             kind=api.trace.SpanKind.CONSUMER,
             links=self._links,
             attributes=self._attributes,

@@ -139,6 +139,34 @@ async def test_without_a_provider_nothing_is_recorded_or_stored(tmp_path: Path) 
     assert [s.attributes["durably.run_id"] for s in recorded.spans("durably.run")] == [traced.id]
 
 
+NO_EXTRA = """
+import sqlite3, sys
+sys.modules["opentelemetry"] = None  # as if durably[otel] were not installed: imports fail
+import anyio
+from durably import create_durably
+from tests.procs.otel_jobs import two_steps
+
+async def main(path):
+    durably = create_durably(f"file:{path}").register(two_steps=two_steps)
+    run = await durably.jobs.two_steps.trigger({})
+    await durably.process_until_idle()
+    done = await durably.get_run(run.id)
+    await durably.close()
+    assert done.status == "completed", done
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT trace_context FROM durably_runs").fetchall() == [(None,)]
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+def test_without_the_extra_runs_execute_untraced(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    command = [sys.executable, "-c", NO_EXTRA, str(tmp_path / "db")]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def test_import_durably_imports_no_opentelemetry_module() -> None:
     check = (
         "import sys, durably; "
