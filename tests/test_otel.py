@@ -174,3 +174,23 @@ def test_import_durably_imports_no_opentelemetry_module() -> None:
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("stored", ["{oops", '{"traceparent": 5}', '{"traceparent": "00-zz-zz-01"}'])
+async def test_an_unreadable_stored_context_gives_a_run_span_without_a_link(
+    tmp_path: Path, stored: str
+) -> None:
+    path = tmp_path / "db"
+    durably = create_durably(f"file:{path}", polling_interval=0.01).register(two_steps=two_steps)
+    try:
+        run = await durably.jobs.two_steps.trigger({})
+        with sqlite3.connect(path) as connection:
+            connection.execute("UPDATE durably_runs SET trace_context = ?", (stored,))
+        with configured() as recorded:
+            await durably.process_until_idle()
+    finally:
+        await durably.close()
+    [execution] = recorded.spans("durably.run")
+    assert execution.links == ()
+    assert execution.attributes["durably.run_id"] == run.id
+    assert execution.attributes["durably.outcome"] == "completed"
