@@ -21,7 +21,8 @@ from pathlib import Path
 import msgspec
 
 from benchmarks import _one
-from durably import _otel
+from durably import _clock, _otel
+from durably._models import ClaimedRun, NewRun, Run
 
 MODES = ("unconfigured", "off")
 
@@ -29,7 +30,8 @@ MODES = ("unconfigured", "off")
 def measure(root: Path, trials: int, n: int) -> dict[str, dict[str, list[float]]]:
     """Drain runs/s and CPU per run, per mode, ``trials`` each, alternating (off first on odd trials)."""
     figures: dict[str, dict[str, list[float]]] = {
-        figure: {mode: [] for mode in MODES} for figure in ("drain_runs_per_s", "cpu_us_per_run")
+        figure: {mode: [] for mode in MODES}
+        for figure in ("drain_runs_per_s", "cpu_us_per_run", "hooks_us_per_run")
     }
     for trial in range(trials):
         for mode in MODES if trial % 2 == 0 else MODES[::-1]:
@@ -52,7 +54,12 @@ def print_rows(figures: dict[str, dict[str, list[float]]], n: int) -> None:
     print(f"\nTelemetry cost, W3 local c=1, {n} runs, {trials} alternated trials per mode (medians):")
     print("| figure | opentelemetry installed, not configured | forced off | difference | paired |")
     print("| --- | --- | --- | --- | --- |")
-    for figure, label in (("drain_runs_per_s", "drain runs/s"), ("cpu_us_per_run", "CPU µs per run")):
+    labels = {
+        "drain_runs_per_s": "drain runs/s",
+        "cpu_us_per_run": "CPU µs per run",
+        "hooks_us_per_run": "the hooks alone, µs per run",
+    }
+    for figure, label in labels.items():
         on, off = figures[figure]["unconfigured"], figures[figure]["off"]
         # Each pair ran back to back: on a shared machine their ratio is steadier than the medians.
         paired = statistics.median(a / b for a, b in zip(on, off, strict=True))
@@ -75,7 +82,33 @@ async def _trial(mode: str, url: str, n: int) -> dict[str, object]:
     # CPU time (all threads) barely depends on what else the machine runs; wall time does.
     result["cpu_us_per_run"] = (time.process_time() - cpu) / n * 1e6
     result["otel_loaded"] = "opentelemetry.trace" in sys.modules
+    result["hooks_us_per_run"] = _hooks_us_per_run()
     return result
+
+
+def _hooks_us_per_run(repeat: int = 20_000) -> float:
+    """What one W3 run costs in telemetry hooks alone: its trigger, its execution, three steps."""
+    otel = _otel.Otel()
+    created = _clock.to_datetime(_clock.now())
+    assert created is not None
+    claimed = ClaimedRun(
+        run=Run(id="r", job_name="w3", status="leased", input={}, created_at=created),
+        lease_generation=1,
+        steps={},
+    )
+    new_runs = [
+        NewRun(id="r", job_name="w3", input=b"{}", labels={}, idempotency_key=None, concurrency_key=None)
+    ]
+    started = time.perf_counter()
+    for _ in range(repeat):
+        with otel.trigger("w3", new_runs):
+            pass
+        trace = otel.run(claimed)
+        with trace.span(lambda: None):
+            for index in range(3):
+                with trace.step(f"s{index}", index):
+                    pass
+    return (time.perf_counter() - started) / repeat * 1e6
 
 
 def main() -> None:
