@@ -3,6 +3,7 @@
     python -m benchmarks            # everything, ~3 minutes on 2 cores
     python -m benchmarks --quick    # fewer runs, for a smoke check
     python -m benchmarks --web      # live subscribers of the web app: reads/s and RSS
+    python -m benchmarks --otel     # W3 with opentelemetry installed, unconfigured vs off
 
 Each durably figure is measured in a fresh process on a fresh database; the
 floor (stdlib sqlite3 doing the same writes) is measured in the same run, and
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument(
         "--web", action="store_true", help="only the live-subscribers rows (benchmarks/_web.py)"
     )
+    parser.add_argument(
+        "--otel", action="store_true", help="only the telemetry-cost rows (benchmarks/_otel.py)"
+    )
     parser.add_argument("--wal-runs", type=int, help="runs drained for the WAL's peak size (default 100,000)")
     options = parser.parse_args()
     if options.web:
@@ -89,6 +93,13 @@ def main() -> None:
         _web.print_rows(asyncio.run(_web.measure([1, 200], seconds)), seconds)
         return
     trials = 1 if options.quick else options.trials
+    if options.otel:
+        from benchmarks import _otel
+
+        n = 300 if options.quick else 1000
+        root = Path(tempfile.mkdtemp(prefix="durably-bench-otel-"))
+        _otel.print_rows(_otel.measure(root, max(trials, 2), n), n)
+        return
     n_local = 300 if options.quick else 1000
     n_remote = 100 if options.quick else 500
     started = time.perf_counter()

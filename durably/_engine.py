@@ -15,7 +15,7 @@ from typing import Any, Self, overload
 import anyio
 import structlog
 
-from durably import _clock
+from durably import _clock, _otel
 from durably._events import EventBus, Handler
 from durably._job import InputT, JobDefinition, JobHandle, Jobs, OutputT
 from durably._models import LogEntry, Run, Step
@@ -104,6 +104,7 @@ class Durably:
         self._worker: Worker | None = None
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
+        self._otel = _otel.Otel()
         self._runs = Runs(
             self.storage,
             self._bus,
@@ -112,6 +113,7 @@ class Durably:
             ready=self._ready,
             on_new_work=self._wake_worker,
             on_cancelled=self._cancel_locally,
+            otel=self._otel,
         )
         self._migrated = False
         self._scheduler = Scheduler()
@@ -206,6 +208,7 @@ class Durably:
             stale_threshold=self._stale_threshold,
             max_concurrent_runs=self._max_concurrent_runs,
             on_finished=self._runs.finished,
+            otel=self._otel,
         )
 
     def _get_worker(self) -> Worker:

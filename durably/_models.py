@@ -131,6 +131,7 @@ class ClaimedRun(msgspec.Struct, kw_only=True):
     job body), so a replayed body does not store them again. ``error``
     says what of the stored run could not be decoded: such a run is failed with it,
     never executed (its ``run`` then holds only the id and job name).
+    ``trace_context`` is the W3C context (JSON) of the span that triggered it, if any.
     """
 
     run: Run
@@ -138,3 +139,4 @@ class ClaimedRun(msgspec.Struct, kw_only=True):
     steps: dict[str, tuple[int, bytes]]
     log_counts: dict[str | None, int] = msgspec.field(default_factory=dict)
     error: str | None = None
+    trace_context: str | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from durably import _clock, _codec, _ids
+from durably import _clock, _codec, _ids, _otel
 from durably._events import EventBus, RunCancelEvent, RunDeleteEvent, RunRetryEvent, RunTriggerEvent
 from durably._job import JobDefinition
 from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
@@ -118,6 +118,7 @@ class Runs:
         ready: Callable[[], Awaitable[None]],
         on_new_work: Callable[[], None],
         on_cancelled: Callable[[str], None],
+        otel: _otel.Otel | None = None,
     ) -> None:
         self._storage = storage
         self._bus = bus
@@ -125,6 +126,7 @@ class Runs:
         self._ready = ready
         self._on_new_work = on_new_work
         self._on_cancelled = on_cancelled
+        self._otel = otel or _otel.Otel()
         self._waiters = Waiters(storage, bus, polling_interval=polling_interval)
 
     # --- triggering and waiting --------------------------------------------------------
@@ -156,7 +158,8 @@ class Runs:
         if not new_runs:
             return []
         await self._ready()
-        runs = await self._storage.create_runs(new_runs)
+        with self._otel.trigger(definition.name, new_runs):
+            runs = await self._storage.create_runs(new_runs)
         self._announce(runs)
         return runs
 

@@ -15,7 +15,7 @@ import anyio.lowlevel
 import msgspec
 import structlog
 
-from durably import _clock, _codec
+from durably import _clock, _codec, _otel
 from durably._events import (
     RUN_LABELLED,
     Event,
@@ -83,6 +83,7 @@ class Execution:
         on_finished: Finished,
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], object],
         on_body_done: Callable[[Execution], None],
+        trace: _otel.RunTrace | None = None,
     ) -> None:
         self.run = claimed.run
         self.run_id = claimed.run.id
@@ -101,7 +102,8 @@ class Execution:
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._storage_timeout = storage_timeout
-        self._on_finished = on_finished
+        self._trace = trace or _otel.RunTrace()
+        self._on_finished = self._trace.noting(on_finished)
         self._scope: anyio.CancelScope | None = None
         self._finishing = False
         self.stop_reason: StopReason | None = None
@@ -129,7 +131,11 @@ class Execution:
             self._scope.cancel()
 
     async def execute(self) -> None:
-        """Run the job to its end and store the outcome, unless stopped first."""
+        """Run the job to its end and store the outcome, unless stopped first (traced, SPEC §14)."""
+        with self._trace.span(lambda: self.stop_reason):
+            await self._execute()
+
+    async def _execute(self) -> None:
         self._emit(RunStartEvent, input=self.run.input, attempt=self.run.attempt, worker_id=self._worker_id)
         started = time.perf_counter()
         outcome: tuple[bytes | None, str | None, str | None] | None = None
@@ -311,9 +317,11 @@ class Execution:
         stored = self._stored_steps.get(name)
         if stored is not None:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
+            self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
-        return await self._execute_step(name, index, fn, args, kwargs, type_)
+        with self._trace.step(name, index):
+            return await self._execute_step(name, index, fn, args, kwargs, type_)
 
     def _end_replay(self) -> None:
         """The body reached code that never ran (a new step, or its end): progress flows again.

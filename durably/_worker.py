@@ -10,6 +10,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from durably import _otel
 from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun
 from durably._runtime import Execution, Finished, bounded, describe
@@ -54,6 +55,7 @@ class Worker:
         stale_threshold: float,
         max_concurrent_runs: int,
         on_finished: Finished,
+        otel: _otel.Otel | None = None,
     ) -> None:
         self._storage = storage
         self._bus = bus
@@ -64,6 +66,7 @@ class Worker:
         self._stale_threshold = stale_threshold
         self.max_concurrent_runs = max_concurrent_runs
         self._on_finished = on_finished
+        self._otel = otel or _otel.Otel()
         # Every execution in flight, and the newest per run: a retried run can be claimed
         # again while its cancelled execution is still unwinding.
         self._running: set[Execution] = set()
@@ -170,6 +173,7 @@ class Worker:
             on_finished=self._on_finished,
             spawn=task_group.start_soon,
             on_body_done=self._body_done,
+            trace=self._otel.run(claimed),
         )
         self._active[execution.run_id] = execution
         self._running.add(execution)

@@ -76,7 +76,7 @@ WHERE seq IN (
             ORDER BY wake_at LIMIT ?4)
         ORDER BY priority DESC, seq LIMIT ?4)
     LIMIT ?4)
-RETURNING {RUN_COLUMNS}, lease_generation"""
+RETURNING {RUN_COLUMNS}, lease_generation, trace_context"""
 
 # The completed steps of resumed runs, given as a JSON array of ids. (A subquery in the
 # claim's RETURNING would save a statement, but SQLite cannot use an index there.)

@@ -112,6 +112,7 @@ def _claimed(row: Row, resumed: _Resumed) -> ClaimedRun:
         steps=resumed.steps.get(run_id, {}),
         log_counts=resumed.log_counts.get(run_id, {}),
         error=resumed.errors.get(run_id),
+        trace_context=None if row[_RUN_WIDTH + 1] is None else _text(row[_RUN_WIDTH + 1]),
     )
 
 
