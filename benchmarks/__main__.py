@@ -2,6 +2,7 @@
 
     python -m benchmarks            # everything, ~3 minutes on 2 cores
     python -m benchmarks --quick    # fewer runs, for a smoke check
+    python -m benchmarks --wan      # the remote adapter at 10 and 40 ms RTT (benchmarks/_wan.py)
 
 Each durably figure is measured in a fresh process on a fresh database; the
 floor (stdlib sqlite3 doing the same writes) is measured in the same run, and
@@ -25,6 +26,7 @@ import msgspec
 
 from benchmarks._floor import floor
 from benchmarks._requests import count_requests
+from benchmarks._wan import run as run_wan
 from tests.support.sqld import SqldServer
 
 # Figures of the reference systems on this kind of machine (shared/ANCHORS.md).
@@ -72,7 +74,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer runs and one trial")
     parser.add_argument("--trials", type=int, default=5, help="median of this many trials (local)")
+    parser.add_argument("--wan", action="store_true", help="only the WAN table (benchmarks/_wan.py)")
+    parser.add_argument("--node", type=Path, help="with --wan: an `npm ci`-ed copy of the Node original")
     options = parser.parse_args()
+    if options.wan:
+        asyncio.run(run_wan(options.node))
+        return
     trials = 1 if options.quick else options.trials
     n_local = 300 if options.quick else 1000
     n_remote = 100 if options.quick else 500
