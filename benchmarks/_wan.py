@@ -4,7 +4,7 @@
 
 Per RTT: the effective round trip (``SELECT 1`` through the proxy), L p50/p95, W3 drain at
 c=1/8/32 with requests and sqld transactions per run counted at the proxy
-(benchmarks/_latency.py says how), the round-trip model limit (c=1 W3 = 4 round trips
+(tests/support/latency.py says how), the round-trip model limit (c=1 W3 = 4 round trips
 per run, so at most 1 / (4 x RTT) runs/s) and, at 10 ms, 4 worker processes x c=8 against
 1 process x c=32 with the CPU seconds of every process involved.
 """
@@ -38,10 +38,10 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Proxy:
-    """benchmarks/_latency.py in a child process, in front of one sqld."""
+    """tests/support/latency.py in a child process, in front of one sqld."""
 
     def __init__(self, target_port: int, rtt_ms: float) -> None:
-        command = [sys.executable, "-m", "benchmarks._latency", str(target_port), str(rtt_ms)]
+        command = [sys.executable, "-m", "tests.support.latency", str(target_port), str(rtt_ms)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         port, control = self.process.stdout.readline().split()

@@ -1,6 +1,6 @@
 """A loopback proxy that adds wide-area latency, and counts what crosses it.
 
-    python -m benchmarks._latency TARGET_PORT RTT_MS    # prints "PORT CONTROL_PORT"
+    python -m tests.support.latency TARGET_PORT RTT_MS    # prints "PORT CONTROL_PORT"
 
 Each direction of each connection is a delay line: a chunk read at time t is written at
 t + RTT/2, so chunks in flight overlap and connections never wait for each other (a
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from collections import Counter
+from typing import Any
 
 _READS = ("SELECT", "WITH", "PRAGMA", "COMMIT", "ROLLBACK", "RELEASE", "SAVEPOINT", "END")
 
@@ -120,11 +121,30 @@ async def _delay_line(
 
 
 class LatencyProxy:
+    """In a test: ``async with LatencyProxy(sqld.port, 0) as proxy:`` then ``proxy.url``,
+    ``proxy.counts.figures``."""
+
     def __init__(self, target_port: int, rtt: float) -> None:
         self._target_port = target_port
         self._delay = rtt / 2
         self.counts = Counts()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[Any], tuple[asyncio.StreamWriter, ...]] = {}
+        self.url = ""
+
+    async def __aenter__(self) -> LatencyProxy:
+        self._server = await asyncio.start_server(self.connection, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writers in self._connections.values():
+            for writer in writers:
+                writer.close()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5)
 
     async def connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
@@ -132,11 +152,17 @@ class LatencyProxy:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(
-            _delay_line(client_r, server_w, self._delay, _RequestReader(self.counts)),
-            _delay_line(server_r, client_w, self._delay, None),
-            return_exceptions=True,
-        )
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = (client_w, server_w)
+        try:
+            await asyncio.gather(
+                _delay_line(client_r, server_w, self._delay, _RequestReader(self.counts)),
+                _delay_line(server_r, client_w, self._delay, None),
+                return_exceptions=True,
+            )
+        finally:
+            del self._connections[task]
 
     async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
