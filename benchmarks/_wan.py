@@ -34,6 +34,7 @@ RTTS_MS = (10, 40)
 # Runs per drain cell: each cell takes well under ~20 s at its latency.
 DRAIN_RUNS = {(10, 1): 200, (10, 8): 1000, (10, 32): 2000, (40, 1): 60, (40, 8): 400, (40, 32): 1000}
 FLEET_RUNS = 2000
+FLEET_TIMEOUT = 90.0  # a fleet that has not drained by then reports how far it got
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -62,7 +63,7 @@ class Proxy:
 @contextmanager
 def behind_proxy(root: Path, rtt_ms: float) -> Iterator[tuple[SqldServer, Proxy]]:
     """A fresh sqld with a latency proxy in front of it."""
-    with SqldServer(root / f"sqld-{time.monotonic_ns()}") as server:
+    with SqldServer(root / f"sqld-{time.monotonic_ns()}", die_with_parent=True) as server:
         assert server.port is not None
         proxy = Proxy(server.port, rtt_ms)
         try:
@@ -154,7 +155,7 @@ async def fleet(root: Path, processes: int, conc: int, n: int) -> dict[str, floa
             busy_before = machine_busy()
             started = time.perf_counter()
             await setup.jobs.job.batch_trigger([{"i": i} for i in range(n)])
-            await _until_completed(server.http_url, n)
+            completed = await _until_completed(server.http_url, n, FLEET_TIMEOUT)
             seconds = time.perf_counter() - started
             cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
             busy_after = machine_busy()
@@ -167,7 +168,8 @@ async def fleet(root: Path, processes: int, conc: int, n: int) -> dict[str, floa
             await setup.close()
     machine = busy_after[0] - busy_before[0]
     return {
-        "runs_per_s": n / seconds,
+        "runs_per_s": completed / seconds,
+        "completed": completed,
         "seconds": seconds,
         "cpu_workers_s": sum(cpu[:processes]),
         "cpu_proxy_s": cpu[processes],
@@ -180,12 +182,17 @@ def _spawn(command: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-async def _until_completed(url: str, n: int) -> None:
-    """Polls sqld directly (not through the proxy, whose counts stay the workers' own)."""
+async def _until_completed(url: str, n: int, timeout: float) -> int:
+    """Runs completed once all ``n`` are, or after ``timeout`` seconds.
+
+    Polls sqld directly (not through the proxy, whose counts stay the workers' own).
+    """
+    deadline = time.perf_counter() + timeout
     while True:
         rows = await sql(url, "SELECT count(*) FROM durably_runs WHERE status = 'completed'")
-        if int(rows[0][0]["value"]) >= n:
-            return
+        completed = int(rows[0][0]["value"])
+        if completed >= n or time.perf_counter() > deadline:
+            return completed
         await asyncio.sleep(0.05)
 
 
@@ -195,6 +202,7 @@ async def host(url: str, conc: int) -> None:
     durably.register(job=make_job(3))
     async with durably:
         print("ready", flush=True)
+        os.dup2(2, 1)  # later output (logs) to stderr: no one reads this pipe any more
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
@@ -258,7 +266,8 @@ def print_table(by_rtt: dict[int, dict[str, Any]], fleets: dict[str, dict[str, f
         print(f"\nMany hosts at 10 ms, {FLEET_RUNS} runs (CPU seconds during the drain):")
         for name, f in fleets.items():
             print(
-                f"- {name}: {f['runs_per_s']:.0f} runs/s in {f['seconds']:.1f} s; CPU workers"
+                f"- {name}: {f['runs_per_s']:.0f} runs/s ({f['completed']:.0f} runs in {f['seconds']:.1f} s);"
+                f" CPU workers"
                 f" {f['cpu_workers_s']:.1f} s, proxy {f['cpu_proxy_s']:.1f} s, sqld {f['cpu_sqld_s']:.1f} s;"
                 f" machine {f['machine_busy_fraction']:.0%} busy"
             )
