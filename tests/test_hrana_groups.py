@@ -173,3 +173,32 @@ async def test_a_group_whose_answer_was_lost_is_sent_again_and_read_as_done(serv
             assert sorted(run.id for run in await storage.get_runs(RunFilter())) == sorted(r.id for r in runs)
         finally:
             await storage.close()
+
+
+async def test_writes_beyond_two_groups_in_flight_share_the_next_one(server: SqldServer) -> None:
+    """sqld spun its CPU with dozens of requests waiting for its write lock (4 processes x 16)."""
+    assert server.port is not None
+    async with LatencyProxy(server.port, 0.2) as slow:
+        remote = RemoteDriver(slow.url)
+        try:
+            await remote.write([("CREATE TABLE t (x INTEGER PRIMARY KEY)", ())])
+            slow.counts.figures.clear()
+            writes = []
+            for x in range(1, 7):  # each in its own pass of the loop, all within one round trip
+                writes.append(asyncio.ensure_future(remote.write([(f"INSERT INTO t VALUES ({x})", ())])))
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            with anyio.fail_after(20):
+                assert await asyncio.gather(*writes) == [[[]]] * 6
+            # Two groups in flight; the four writes made meanwhile waited and committed together.
+            assert slow.counts.figures["transactions"] == 3
+            assert [int(row[0]) for row in await remote.read("SELECT x FROM t ORDER BY x")] == [
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+            ]  # type: ignore[arg-type]
+        finally:
+            await remote.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ _logger = structlog.get_logger("durably")
 
 _MAX_CONNECTIONS = 16
 _MAX_GROUP = 128  # write operations per transaction
+_GROUPS_IN_FLIGHT = 2  # per event loop: one being answered while the next is sent
 _BUSY_RETRIES = 12
 _FIRST_BACKOFF = 0.005
 _MAX_BACKOFF = 0.5
@@ -298,6 +300,8 @@ class HranaClient:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._queued: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._writing: dict[asyncio.AbstractEventLoop, int] = {}  # write groups in flight
+        self._held: dict[asyncio.AbstractEventLoop, list[_Write]] = {}  # writes for the next group
 
     def _session_for(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed or self._session_loop is not loop:
@@ -311,8 +315,7 @@ class HranaClient:
             )
         return self._session
 
-    def _enqueue(self, item: _Queued) -> None:
-        loop = asyncio.get_running_loop()
+    def _enqueue(self, item: _Queued, loop: asyncio.AbstractEventLoop) -> None:
         queued = self._queued.get(loop)
         if queued is None:
             queued = self._queued[loop] = []
@@ -320,12 +323,31 @@ class HranaClient:
         queued.append(item)
 
     def _send_queued(self, loop: asyncio.AbstractEventLoop) -> None:
-        task = loop.create_task(self._send(self._queued.pop(loop), loop))
+        queued = self._queued.pop(loop)
+        writes = any(isinstance(item, _Write) for item in queued)
+        if writes and self._writing.get(loop, 0) >= _GROUPS_IN_FLIGHT:
+            # sqld runs one writer at a time, and spun its CPU with dozens waiting for its
+            # lock (4 processes x 16 requests): these writes join the next group instead.
+            self._held.setdefault(loop, []).extend(item for item in queued if isinstance(item, _Write))
+            queued = [item for item in queued if isinstance(item, _Read)]
+            writes = False
+        if not queued:
+            return
+        if writes:
+            self._writing[loop] = self._writing.get(loop, 0) + 1
+        task = loop.create_task(self._send(queued, loop))
         self._sending.add(task)
-        task.add_done_callback(self._sent)
+        task.add_done_callback(functools.partial(self._sent, loop, writes))
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, loop: asyncio.AbstractEventLoop, wrote: bool, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        if wrote:
+            self._writing[loop] -= 1
+            if not self._writing[loop]:
+                del self._writing[loop]
+            for item in self._held.pop(loop, []):
+                if not item.future.done():
+                    self._enqueue(item, loop)
         if not task.cancelled() and task.exception() is not None:
             # _send answers its futures before anything can fail; this is only reported.
             _logger.error("sending a Hrana pipeline failed", exc_info=task.exception())
@@ -409,13 +431,13 @@ class HranaClient:
     async def execute(self, sql: str, params: Sequence[Value]) -> list[Row]:
         """Rows of one statement, outside any transaction of the others."""
         future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Read((sql, params), future))
+        self._enqueue(_Read((sql, params), future), future.get_loop())
         return await future
 
     async def batch(self, statements: Sequence[Statement]) -> list[list[Row]]:
         """Rows of each statement, run all or nothing in the transaction of this pass's writes."""
         future: asyncio.Future[list[list[Row]]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Write(statements, future))
+        self._enqueue(_Write(statements, future), future.get_loop())
         return await future
 
     async def close(self) -> None:
