@@ -168,7 +168,8 @@ class LatencyProxy:
         request = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         path = request.split(" ")[1] if " " in request else "/"
         if path.startswith("/reset"):
-            self.counts = Counts()
+            # In place: kept-alive connections hold this object.
+            self.counts.figures.clear()
         body = json.dumps(dict(self.counts.figures) | {"requests": self.counts.figures["requests"]}).encode()
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
