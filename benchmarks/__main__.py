@@ -4,6 +4,7 @@
     python -m benchmarks --quick    # fewer runs, for a smoke check
     python -m benchmarks --web      # live subscribers of the web app: reads/s and RSS
     python -m benchmarks --otel     # W3 with opentelemetry installed, unconfigured vs off
+    python -m benchmarks --wan      # the remote adapter at 10 and 40 ms RTT (benchmarks/_wan.py)
 
 Each durably figure is measured in a fresh process on a fresh database; the
 floor (stdlib sqlite3 doing the same writes) is measured in the same run, and
@@ -27,6 +28,7 @@ import msgspec
 
 from benchmarks._floor import floor
 from benchmarks._requests import count_requests
+from benchmarks._wan import run as run_wan
 from tests.support.sqld import SqldServer
 
 # Figures of the reference systems on this kind of machine (shared/ANCHORS.md).
@@ -85,7 +87,12 @@ def main() -> None:
         "--otel", action="store_true", help="only the telemetry-cost rows (benchmarks/_otel.py)"
     )
     parser.add_argument("--wal-runs", type=int, help="runs drained for the WAL's peak size (default 100,000)")
+    parser.add_argument("--wan", action="store_true", help="only the WAN table (benchmarks/_wan.py)")
+    parser.add_argument("--node", type=Path, help="with --wan: an `npm ci`-ed copy of the Node original")
     options = parser.parse_args()
+    if options.wan:
+        asyncio.run(run_wan(options.node))
+        return
     if options.web:
         from benchmarks import _web
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -23,19 +25,30 @@ from durably._storage._driver import Row, Statement, Value
 _logger = structlog.get_logger("durably")
 
 _MAX_CONNECTIONS = 16
+_MAX_GROUP = 128  # write operations per transaction
+_GROUPS_IN_FLIGHT = 2  # per event loop: one being answered while the next is sent
+_BUSY_RETRIES = 12
+_FIRST_BACKOFF = 0.005
+_MAX_BACKOFF = 0.5
 
 
 class HranaError(Exception):
     """An error the server reported for a statement, with its Hrana ``code``."""
 
-    def __init__(self, message: str, code: str | None) -> None:
+    def __init__(self, message: str, code: str | None, *, undone: bool = False) -> None:
         super().__init__(message)
         self.code = code or "UNKNOWN"
+        self.undone = undone
 
     @property
     def busy(self) -> bool:
         """Whether another writer held the lock: the statement did not run and may be retried."""
         return self.code == "SQLITE_BUSY" or "database is locked" in str(self)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether nothing took effect: busy, or undone with the rest of its transaction."""
+        return self.busy or self.undone
 
 
 class HttpStatusError(Exception):
@@ -115,7 +128,6 @@ class _PipelineAnswer(msgspec.Struct):
 
 
 _Response = _Execute | _Batch | _Close
-_Queued = tuple[dict[str, Any], "asyncio.Future[_Response]"]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_PipelineAnswer)
@@ -162,25 +174,95 @@ def _ok(step: int) -> dict[str, Any]:
     return {"type": "ok", "step": step}
 
 
+def _not(cond: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "not", "cond": cond}
+
+
 def _stmt(sql: str, params: Sequence[Value]) -> dict[str, Any]:
     return {"sql": sql, "args": [encode_value(p) for p in params], "want_rows": True}
 
 
-def atomic_batch(statements: Sequence[Statement]) -> dict[str, Any]:
-    """``BEGIN IMMEDIATE``, each statement only if the previous one succeeded, then
-    ``COMMIT``, or ``ROLLBACK`` if anything failed: all or nothing, in one request."""
-    steps: list[dict[str, Any]] = [{"stmt": {"sql": "BEGIN IMMEDIATE", "want_rows": False}}]
-    for sql, params in statements:
-        steps.append({"stmt": _stmt(sql, params), "condition": _ok(len(steps) - 1)})
-    commit = len(steps)
-    steps.append({"stmt": {"sql": "COMMIT", "want_rows": False}, "condition": _ok(commit - 1)})
-    steps.append(
-        {
-            "stmt": {"sql": "ROLLBACK", "want_rows": False},
-            "condition": {"type": "not", "cond": _ok(commit)},
-        }
-    )
-    return {"type": "batch", "batch": {"steps": steps}}
+class _Read(NamedTuple):
+    statement: Statement
+    future: asyncio.Future[list[Row]]
+
+
+class _Write(NamedTuple):
+    statements: Sequence[Statement]
+    future: asyncio.Future[list[list[Row]]]
+
+
+_Queued = _Read | _Write
+_Answer = tuple[_Queued, "list[Row] | list[list[Row]] | HranaError"]
+
+
+class _Group:
+    """Write operations of several callers as ONE Hrana batch: one sqld transaction.
+
+    ``BEGIN IMMEDIATE``; per operation ``SAVEPOINT``, its statements (each only if the
+    previous one succeeded), ``ROLLBACK TO`` if one failed, ``RELEASE``; ``COMMIT``, or
+    ``ROLLBACK`` if anything broke the chain. A statement error undoes only its own
+    operation, as the local file's group commit does; an error that ends the whole
+    transaction (SQLite rolls back on some) makes ``ROLLBACK TO`` fail, so no later
+    operation starts and nothing commits. A lone operation skips the savepoint.
+    """
+
+    def __init__(self, writes: Sequence[_Write]) -> None:
+        self.writes = writes
+        self.steps: list[dict[str, Any]] = []
+        self._spans: list[range] = []  # the steps of each operation's statements
+        after = self._add("BEGIN IMMEDIATE")  # the step whose success lets the next one run
+        isolated = len(writes) > 1
+        for write in writes:
+            savepoint = after = self._add("SAVEPOINT durably_op", after) if isolated else after
+            first = len(self.steps)
+            for sql, params in write.statements:
+                after = self._add(_stmt(sql, params), after)
+            self._spans.append(range(first, len(self.steps)))
+            if isolated:
+                failed = {"type": "and", "conds": [_ok(savepoint), _not(_ok(after))]}
+                undo = self._add("ROLLBACK TO durably_op", failed)
+                after = self._add("RELEASE durably_op", {"type": "or", "conds": [_ok(after), _ok(undo)]})
+        self._commit = self._add("COMMIT", after)
+        self._add("ROLLBACK", _not(_ok(self._commit)))
+
+    def _add(self, stmt: str | dict[str, Any], condition: int | dict[str, Any] | None = None) -> int:
+        step: dict[str, Any] = {"stmt": {"sql": stmt, "want_rows": False} if isinstance(stmt, str) else stmt}
+        if condition is not None:
+            step["condition"] = _ok(condition) if isinstance(condition, int) else condition
+        self.steps.append(step)
+        return len(self.steps) - 1
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return {"type": "batch", "batch": {"steps": self.steps}}
+
+    def answer(self, result: _BatchResult) -> list[tuple[_Write, list[list[Row]] | HranaError]]:
+        """Each operation's rows or error; a busy error means it did not take effect."""
+        if len(result.step_results) != len(self.steps) or len(result.step_errors) != len(self.steps):
+            raise ProtocolError(f"{len(result.step_results)} step results for a batch of {len(self.steps)}")
+        begin = result.step_errors[0]
+        if begin is not None:
+            return [(write, _error(begin)) for write in self.writes]
+        committed = result.step_results[self._commit] is not None and result.step_errors[self._commit] is None
+        # Operations that ran without error but did not commit: another one's error ended the
+        # transaction, or COMMIT failed. Nothing of theirs took effect; they may be sent again.
+        commit = result.step_errors[self._commit] or _Error("another operation's error ended it")
+        undone = HranaError(f"undone with its transaction: {commit.message}", commit.code, undone=True)
+        answers: list[tuple[_Write, list[list[Row]] | HranaError]] = []
+        for write, span in zip(self.writes, self._spans, strict=True):
+            error = next((e for e in (result.step_errors[i] for i in span) if e is not None), None)
+            if error is not None:
+                answers.append((write, _error(error)))
+            elif committed:
+                answers.append((write, [_rows(result.step_results[i]) for i in span]))
+            else:
+                answers.append((write, undone))
+        return answers
+
+
+def _kind(response: _Response) -> str:
+    return type(response).__name__.strip("_").lower()
 
 
 def _answers(payload: bytes, expected: int) -> list[_Ok | _Failed]:
@@ -198,10 +280,13 @@ class HranaClient:
     """Sends pipelines to ``{base_url}/v2/pipeline``.
 
     Requests made during one pass of the event loop travel together in one HTTP
-    request (each still its own Hrana request: a failing one does not affect the
-    others). A run's completion and the worker's next claim, or the step writes of
-    several runs executing at once, cost one round trip instead of several.
-    Every request is answered within ``timeout`` seconds, with a result or an error.
+    request, and their writes commit as ONE sqld transaction (``_Group``: each in its
+    own savepoint, so a failing one does not undo the others). sqld commits about
+    1,000 transactions/s, so a run's completion and the worker's next claim, or the
+    step writes of runs executing at once, cost one round trip and one commit.
+    "database is locked" means nothing took effect: those requests are sent again
+    together, with jittered backoff. Every request is answered within ``timeout``
+    seconds per attempt, with a result or an error.
     """
 
     def __init__(self, base_url: str, *, auth_token: str | None, timeout: float) -> None:
@@ -215,6 +300,8 @@ class HranaClient:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._queued: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._writing: dict[asyncio.AbstractEventLoop, int] = {}  # write groups in flight
+        self._held: dict[asyncio.AbstractEventLoop, list[_Write]] = {}  # writes for the next group
 
     def _session_for(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed or self._session_loop is not loop:
@@ -228,47 +315,104 @@ class HranaClient:
             )
         return self._session
 
-    async def _pipeline(self, request: dict[str, Any]) -> _Response:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_Response] = loop.create_future()
+    def _enqueue(self, item: _Queued, loop: asyncio.AbstractEventLoop) -> None:
         queued = self._queued.get(loop)
         if queued is None:
             queued = self._queued[loop] = []
             loop.call_soon(self._send_queued, loop)
-        queued.append((request, future))
-        return await future
+        queued.append(item)
 
     def _send_queued(self, loop: asyncio.AbstractEventLoop) -> None:
-        task = loop.create_task(self._send(self._queued.pop(loop), loop))
+        queued = self._queued.pop(loop)
+        writes = any(isinstance(item, _Write) for item in queued)
+        if writes and self._writing.get(loop, 0) >= _GROUPS_IN_FLIGHT:
+            # sqld runs one writer at a time, and spun its CPU with dozens waiting for its
+            # lock (4 processes x 16 requests): these writes join the next group instead.
+            self._held.setdefault(loop, []).extend(item for item in queued if isinstance(item, _Write))
+            queued = [item for item in queued if isinstance(item, _Read)]
+            writes = False
+        if not queued:
+            return
+        if writes:
+            self._writing[loop] = self._writing.get(loop, 0) + 1
+        task = loop.create_task(self._send(queued, loop))
         self._sending.add(task)
-        task.add_done_callback(self._sent)
+        task.add_done_callback(functools.partial(self._sent, loop, writes))
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, loop: asyncio.AbstractEventLoop, wrote: bool, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        if wrote:
+            self._writing[loop] -= 1
+            if not self._writing[loop]:
+                del self._writing[loop]
+            for item in self._held.pop(loop, []):
+                if not item.future.done():
+                    self._enqueue(item, loop)
         if not task.cancelled() and task.exception() is not None:
             # _send answers its futures before anything can fail; this is only reported.
             _logger.error("sending a Hrana pipeline failed", exc_info=task.exception())
 
     async def _send(self, queued: list[_Queued], loop: asyncio.AbstractEventLoop) -> None:
-        """Post ``queued`` as one pipeline; every future gets its answer, or the failure."""
-        try:
-            body = _encoder.encode({"baton": None, "requests": [*(r for r, _ in queued), {"type": "close"}]})
-            answers = _answers(await self._post(body, loop), len(queued))
-        except BaseException as exc:
-            for _, future in queued:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            await self._forget_session()
-            return
-        for (_, future), answer in zip(queued, answers, strict=True):
-            if future.done():
-                continue  # its caller was cancelled; the request was made all the same
-            if isinstance(answer, _Failed):
-                future.set_exception(_error(answer.error))
+        """Post ``queued``; what found the database busy is sent again, together, after a backoff.
+
+        Every future gets its answer, or the failure. A caller that has gone (cancelled)
+        is not sent again: its first request was made all the same.
+        """
+        delay = _FIRST_BACKOFF
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                answers = await self._post_once(queued, loop)
+            except BaseException as exc:
+                for item in queued:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                await self._forget_session()
+                return
+            again: list[_Queued] = []
+            for item, answer in answers:
+                if item.future.done():
+                    continue
+                if isinstance(answer, HranaError) and answer.retryable and attempt < _BUSY_RETRIES:
+                    again.append(item)
+                elif isinstance(answer, HranaError):
+                    item.future.set_exception(answer)
+                else:
+                    item.future.set_result(answer)  # type: ignore[arg-type]  # rows of its own kind
+            if not again:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _MAX_BACKOFF)
+            queued = [item for item in again if not item.future.done()]
+            if not queued:
+                return
+
+    async def _post_once(self, queued: list[_Queued], loop: asyncio.AbstractEventLoop) -> list[_Answer]:
+        """One pipeline: the writes in groups (one transaction each), then the reads."""
+        writes = [item for item in queued if isinstance(item, _Write)]
+        groups = [_Group(writes[i : i + _MAX_GROUP]) for i in range(0, len(writes), _MAX_GROUP)]
+        reads = [item for item in queued if isinstance(item, _Read)]
+        requests = [group.request for group in groups]
+        requests += [{"type": "execute", "stmt": _stmt(*read.statement)} for read in reads]
+        body = _encoder.encode({"baton": None, "requests": [*requests, {"type": "close"}]})
+        results = _answers(await self._post(body, loop), len(requests))
+        answers: list[_Answer] = []
+        for group, result in zip(groups, results[: len(groups)], strict=True):
+            if isinstance(result, _Failed):
+                answers += [(write, _error(result.error)) for write in group.writes]
+            elif isinstance(result.response, _Batch):
+                answers += group.answer(result.response.result)
             else:
-                future.set_result(answer.response)
+                raise ProtocolError(f"a {_kind(result.response)} answer to a batch")
+        for read, result in zip(reads, results[len(groups) :], strict=True):
+            if isinstance(result, _Failed):
+                answers.append((read, _error(result.error)))
+            elif isinstance(result.response, _Execute):
+                answers.append((read, _rows(result.response.result)))
+            else:
+                raise ProtocolError(f"a {_kind(result.response)} answer to an execute")
+        return answers
 
     async def _forget_session(self) -> None:
         # After a failed request its connection is suspect; and a caller whose first use
@@ -285,23 +429,16 @@ class HranaClient:
             return payload
 
     async def execute(self, sql: str, params: Sequence[Value]) -> list[Row]:
-        response = await self._pipeline({"type": "execute", "stmt": _stmt(sql, params)})
-        if not isinstance(response, _Execute):
-            raise ProtocolError(f"a {type(response).__name__.strip('_').lower()} answer to an execute")
-        return _rows(response.result)
+        """Rows of one statement, outside any transaction of the others."""
+        future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Read((sql, params), future), future.get_loop())
+        return await future
 
     async def batch(self, statements: Sequence[Statement]) -> list[list[Row]]:
-        response = await self._pipeline(atomic_batch(statements))
-        if not isinstance(response, _Batch):
-            raise ProtocolError(f"a {type(response).__name__.strip('_').lower()} answer to a batch")
-        result = response.result
-        for error in result.step_errors:
-            if error is not None:
-                raise _error(error)
-        steps = len(statements) + 3  # BEGIN, the statements, COMMIT, ROLLBACK
-        if len(result.step_results) != steps or len(result.step_errors) != steps:
-            raise ProtocolError(f"{len(result.step_results)} step results for a batch of {steps}")
-        return [_rows(step) for step in result.step_results[1 : 1 + len(statements)]]
+        """Rows of each statement, run all or nothing in the transaction of this pass's writes."""
+        future: asyncio.Future[list[list[Row]]] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Write(statements, future), future.get_loop())
+        return await future
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,17 +1,15 @@
 """The remote driver: a libSQL server (Turso or self-hosted sqld) over Hrana/HTTP.
 
-One request per operation: a read is one pipeline, an atomic write is one batch.
-"database is locked" (another writer) means the statement did not run, so it is
-retried here with jittered backoff; connection failures become transient
-``StorageError``s that the worker backs off from. Messages name the URL, never
-the token.
+The operations of one pass of the event loop share one request, and their writes one
+transaction (``HranaClient``). "database is locked" (another writer) means nothing
+ran: the client sends those operations again, together, with jittered backoff.
+Connection failures become transient ``StorageError``s that the worker backs off
+from. Messages name the URL, never the token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -26,7 +24,6 @@ from durably.errors import ConfigurationError, StorageError
 T = TypeVar("T")
 
 _SCHEMES = {"libsql": "https", "https": "https", "wss": "https", "http": "http", "ws": "http"}
-_BUSY_RETRIES = 12
 # Well under the default lease (3 s): a blackholed server is reported before a lease lapses.
 DEFAULT_TIMEOUT = 2.0
 
@@ -114,32 +111,25 @@ class RemoteDriver:
         await self._client.close()
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.005
-        busy_retries = 0
         stale_retried = False
         while True:
             try:
                 return await operation()
-            except HranaError as exc:
-                if not exc.busy or busy_retries == _BUSY_RETRIES:
-                    raise self._translate(exc) from exc
-                busy_retries += 1
             except aiohttp.ServerDisconnectedError as exc:
                 # A kept-alive connection the server closed (a restart) fails on reuse;
                 # try once more on a new one. A re-sent write may have landed the first
-                # time: SqlStorage reads such writes as done (SPEC §15).
+                # time: SqlStorage reads such writes as done (SPEC §15). The operations
+                # of a failed group all fail in one pass, so they are re-sent as a group
+                # again; each is as safe to re-send as when it travelled alone.
                 if stale_retried:
                     raise self._translate(exc) from exc
                 stale_retried = True
-                continue
-            except (TimeoutError, aiohttp.ClientError, HttpStatusError, ProtocolError) as exc:
+            except (HranaError, TimeoutError, aiohttp.ClientError, HttpStatusError, ProtocolError) as exc:
                 raise self._translate(exc) from exc
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
 
     def _translate(self, exc: Exception) -> StorageError:
         if isinstance(exc, HranaError):
-            return StorageError(f"{self._url}: {exc.code}: {exc}", transient=exc.busy)
+            return StorageError(f"{self._url}: {exc.code}: {exc}", transient=exc.retryable)
         if isinstance(exc, HttpStatusError):
             if exc.status in (401, 403):
                 return StorageError(
