@@ -465,7 +465,11 @@ async def test_every_run_completes_when_sqld_is_killed_and_restarted_mid_workloa
         f" steps_per_host={dict(sorted(per_host.items()))} drained {recovered:.1f}s after the restart"
         f" outage_errors_reported={errors_reported}"
     )
-    assert errors_reported > 0, "no host noticed the outage: it did not hit the workload"
+    assert completed_before < runs_wanted, "the workload ended before the kill: it hit nothing"
+    if down_for > 0:
+        # An instant restart can be hidden entirely by the one re-send after a dropped
+        # connection; an outage that lasts is noticed and reported by some host.
+        assert errors_reported > 0, "no host noticed the outage: it did not hit the workload"
     _assert_completed(runs)
     assert set(executions) == {(run.id, step) for run in runs for step in STEPS}
     assert not more, f"steps executed more than twice: {more}"

@@ -9,6 +9,7 @@ from. Messages name the URL, never the token.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
