@@ -449,6 +449,12 @@ class Execution:
         self._telemetry_written_at = time.monotonic()
         return telemetry
 
+    def _put_back(self, unstored: Telemetry) -> None:
+        """Progress and logs a failed write did not store ride along with the next one."""
+        self._telemetry.logs[:0] = unstored.logs
+        if self._telemetry.progress is None:
+            self._telemetry.progress = unstored.progress
+
     def _telemetry_changed(self) -> None:
         if self._finishing:
             return  # the outcome write carries it
@@ -475,7 +481,8 @@ class Execution:
             try:
                 held = await self._write(lambda t=telemetry: self._storage.save_telemetry(self.lease, t))  # type: ignore[misc]
             except StorageError as exc:
-                self._report(exc, "storing progress and logs")
+                self._report(exc, "storing progress and logs (kept for the next write)")
+                self._put_back(telemetry)
                 continue
             if not held:
                 self.stop(await self.why_lease_gone())
