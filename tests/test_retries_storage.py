@@ -50,9 +50,10 @@ async def test_retry_run_later_makes_the_run_pending_for_its_next_attempt_at_the
     run, lease = await _leased(storage)
     assert await storage.save_step(lease, _record("done", output=b'"x"'), Telemetry())
     before = datetime.now(UTC)
-    wake_at = await storage.retry_run_later(lease, "RuntimeError: boom", 0.5, Telemetry())
+    # Long enough that even a loaded machine claims again before it: the claim must wait.
+    wake_at = await storage.retry_run_later(lease, "RuntimeError: boom", 1.5, Telemetry())
     assert wake_at is not None
-    assert before + timedelta(seconds=0.3) < wake_at < before + timedelta(seconds=5)  # database clock
+    assert before + timedelta(seconds=1.3) < wake_at < before + timedelta(seconds=10)  # database clock
     stored = await storage.get_run(run.id)
     assert stored is not None
     assert (stored.status, stored.attempt, stored.error, stored.wake_at) == (
@@ -74,7 +75,7 @@ async def test_retry_run_later_makes_the_run_pending_for_its_next_attempt_at_the
 
 async def test_postpone_run_stores_the_failed_attempt_and_a_resumed_claim_counts_on(storage: Storage) -> None:
     run, lease = await _leased(storage)
-    wake_at = await storage.postpone_run(lease, _record("flaky", attempts=2), 0.2, Telemetry())
+    wake_at = await storage.postpone_run(lease, _record("flaky", attempts=2), 1.5, Telemetry())
     assert wake_at is not None
     stored = await storage.get_run(run.id)
     assert stored is not None
