@@ -135,3 +135,28 @@ async def call_with_timeout(call: Callable[[], Awaitable[T]], timeout: float | N
     with anyio.move_on_after(timeout):
         return await call()
     raise TimeoutError(f"step {name!r} ran longer than its timeout of {timeout:g} s")
+
+
+class StepAttempts:
+    """The attempts of one step, counted on from those stored before a crash or postponement."""
+
+    def __init__(self, name: str, stored: int, policy: RetryPolicy | None, timeout: float | None) -> None:
+        self.name = name
+        self.count = stored
+        self._policy = policy
+        self._timeout = timeout
+
+    async def call(
+        self, call: Callable[[], Awaitable[T]], back_off: Callable[[Exception, float], Awaitable[None]]
+    ) -> T:
+        """Call until an attempt succeeds; after a failure with attempts left, ``back_off``
+        (which stores it and waits the delay given); the last error once none is left."""
+        while True:
+            self.count += 1
+            try:
+                return await call_with_timeout(call, self._timeout, self.name)
+            except Exception as exc:
+                delay = next_delay(self._policy, exc, self.count)
+                if delay is None:
+                    raise
+                await back_off(exc, delay)

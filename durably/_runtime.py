@@ -34,7 +34,7 @@ from durably._events import (
     WorkerErrorEvent,
 )
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
-from durably._retry import RetryPolicy, call_with_timeout, next_delay
+from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
 from durably.errors import LeaseLostError, StorageError, ValidationError
@@ -152,7 +152,7 @@ class Execution:
             if outcome is None or self.stop_reason is not None:
                 await self._stopped()
             else:
-                await self._finish(*outcome, duration=time.perf_counter() - started)
+                await self._finish(outcome, duration=time.perf_counter() - started)
 
     async def _run_job(self) -> Outcome:
         """(output JSON, None, None, None) on success; (None, error, failed step, exc) on failure."""
@@ -189,15 +189,8 @@ class Execution:
             seen = seen.__cause__ or seen.__context__
         return None
 
-    async def _finish(
-        self,
-        output: bytes | None,
-        error: str | None,
-        failed_step: str | None,
-        cause: Exception | None,
-        *,
-        duration: float,
-    ) -> None:
+    async def _finish(self, outcome: Outcome, *, duration: float) -> None:
+        output, error, failed_step, cause = outcome
         telemetry = self._take_telemetry()
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
         held: object
@@ -334,8 +327,9 @@ class Execution:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
+        attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         return await self._execute_step(
-            name, index, partial(call_step_function, fn, args, kwargs), type_, retries, timeout
+            name, index, partial(call_step_function, fn, args, kwargs), type_, attempts
         )
 
     def _end_replay(self) -> None:
@@ -351,51 +345,27 @@ class Execution:
             self._record_progress(held)
 
     async def _execute_step(
-        self,
-        name: str,
-        index: int,
-        call: Callable[[], Awaitable[Any]],
-        type_: Any,
-        retries: RetryPolicy | None,
-        timeout: float | None,
+        self, name: str, index: int, call: Callable[[], Awaitable[Any]], type_: Any, attempts: StepAttempts
     ) -> Any:
         self._emit(StepStartEvent, step_name=name, step_index=index)
-        started_at = _clock.now()
         started = time.perf_counter()
+        record = partial(StepRecord, name=name, index=index, started_at=_clock.now())
         token = _current_step.set(name)
-        attempt = self._step_attempts.get(name, 0)  # attempts stored before a crash or postponement
         try:
-            while True:
-                attempt += 1
-                try:
-                    value = await call_with_timeout(call, timeout, name)
-                    break
-                except Exception as exc:
-                    delay = next_delay(retries, exc, attempt)
-                    if delay is None:
-                        raise
-                    failed = StepRecord(
-                        name=name,
-                        index=index,
-                        error=describe(exc),
-                        started_at=started_at,
-                        completed_at=None,
-                        attempts=attempt,
-                    )
-                    await self._back_off(failed, delay)
+            value = await attempts.call(
+                call,
+                lambda exc, delay: self._back_off(
+                    record(error=describe(exc), completed_at=None, attempts=attempts.count), delay
+                ),
+            )
             output = encode_result(name, value, type_)
             telemetry = self._take_telemetry()
-            record = StepRecord(
-                name=name,
-                index=index,
-                output=output,
-                started_at=started_at,
-                completed_at=_clock.now(),
-                attempts=attempt,
-            )
-            held = await self._store(lambda: self._storage.save_step(self.lease, record, telemetry))
+            done = record(output=output, completed_at=_clock.now(), attempts=attempts.count)
+            held = await self._store(lambda: self._storage.save_step(self.lease, done, telemetry))
         except Exception as exc:
-            await self._step_failed(name, index, exc, started_at, attempt)
+            await self._step_failed(
+                record(error=describe(exc), completed_at=_clock.now(), attempts=attempts.count), exc
+            )
             raise
         finally:
             _current_step.reset(token)
@@ -428,31 +398,18 @@ class Execution:
                 await self._lease_gone()
             await anyio.sleep(delay)
             return
-        if (
-            await self._store(lambda: self._storage.postpone_run(self.lease, failed, delay, telemetry))
-            is None
-        ):
+        wake_at = await self._store(lambda: self._storage.postpone_run(self.lease, failed, delay, telemetry))
+        if wake_at is None:
             await self._lease_gone()
         self.stop("postponed")
         await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
 
-    async def _step_failed(
-        self, name: str, index: int, exc: Exception, started_at: float, attempts: int
-    ) -> None:
-        self._step_errors.append((exc, name))
-        error = describe(exc)
-        record = StepRecord(
-            name=name,
-            index=index,
-            error=error,
-            started_at=started_at,
-            completed_at=_clock.now(),
-            attempts=attempts,
-        )
+    async def _step_failed(self, record: StepRecord, exc: Exception) -> None:
+        self._step_errors.append((exc, record.name))
         telemetry = self._take_telemetry()
         if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
             await self._lease_gone()
-        self._emit(StepFailEvent, step_name=name, step_index=index, error=error)
+        self._emit(StepFailEvent, step_name=record.name, step_index=record.index, error=record.error)
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:
