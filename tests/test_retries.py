@@ -373,3 +373,14 @@ async def test_a_timeout_counts_as_a_failure_for_retries(durably: Durably) -> No
     run = await durably.jobs.timeouts.trigger({"kind": "retried"})
     done = await _outcome(durably, run.id)
     assert (done.status, done.output, calls.step) == ("completed", "in time", 2)
+
+
+async def test_a_postponed_step_goes_on_counting_its_attempts(make_durably: Callable[..., Durably]) -> None:
+    durably = make_durably(stale_threshold=0.5, heartbeat_interval=0.1).register(**JOBS)
+    calls.fail_times = 99
+    run = await durably.jobs.step_retries.trigger({"delay": 1.2, "max": 2})
+    done = await _outcome(durably, run.id)
+    # Counting from one again after the postponement would postpone it forever.
+    assert (done.status, done.error, calls.step) == ("failed", "RuntimeError: attempt 2 failed", 2)
+    [step] = await durably.get_steps(run.id)
+    assert step.status == "failed" and step.completed_at is not None
