@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio import to_thread
 
 from durably import (
     ConfigurationError,
@@ -19,6 +20,8 @@ from durably import (
     StepContext,
     define_job,
 )
+
+from .conftest import Database
 
 pytestmark = pytest.mark.anyio
 
@@ -77,6 +80,9 @@ retried_only_lookup = define_job(
 slow_retry = define_job(
     name="slow-retry", input=dict[str, Any], run=_body, retries=RetryPolicy(initial_delay=60, jitter=False)
 )
+short_retry = define_job(
+    name="short-retry", input=dict[str, Any], run=_body, retries=RetryPolicy(initial_delay=1.0, jitter=False)
+)
 no_retry = define_job(name="no-retry", input=dict[str, Any], run=_body)
 
 
@@ -125,6 +131,7 @@ JOBS = {
     "retried": retried,
     "retried_lookup": retried_only_lookup,
     "slow_retry": slow_retry,
+    "short_retry": short_retry,
     "no_retry": no_retry,
     "step_retries": step_retries,
     "timeouts": timeouts,
@@ -384,3 +391,19 @@ async def test_a_postponed_step_goes_on_counting_its_attempts(make_durably: Call
     assert (done.status, done.error, calls.step) == ("failed", "RuntimeError: attempt 2 failed", 2)
     [step] = await durably.get_steps(run.id)
     assert step.status == "failed" and step.completed_at is not None
+
+
+async def test_a_backing_off_run_survives_its_worker_and_a_restart_of_the_database_server(
+    database: Database, make_durably: Callable[..., Durably]
+) -> None:
+    calls.fail_times = 1
+    first = make_durably().register(**JOBS)
+    run = await first.jobs.short_retry.trigger({})
+    assert await first.process_one()  # attempt 1 fails; the wait is stored as wake_at
+    await first.close()
+    server = database.server
+    if server is not None:  # killed and started again on the same data
+        await to_thread.run_sync(lambda: server.restart(graceful=False))
+    second = make_durably().register(**JOBS)  # a new worker, knowing nothing of the first
+    done = await _outcome(second, run.id)
+    assert (done.status, done.attempt, calls.step) == ("completed", 2, 2)
