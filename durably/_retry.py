@@ -21,8 +21,6 @@ from durably.errors import ConfigurationError, NonRetryableError
 
 T = TypeVar("T")
 
-_NO_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _seconds(field: str, value: object, *, minimum: float = 0.0) -> float:
     if isinstance(value, timedelta):
@@ -87,7 +85,7 @@ class RetryPolicy:
 
     def retries(self, exc: BaseException) -> bool:
         """Whether ``exc`` may be retried at all (attempts left aside)."""
-        return not isinstance(exc, NonRetryableError) and isinstance(exc, self.retry_on or _NO_ERRORS)
+        return not isinstance(exc, NonRetryableError) and isinstance(exc, self.retry_on)
 
     def delay(self, failed_attempt: int) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
