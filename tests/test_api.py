@@ -64,6 +64,7 @@ ERRORS = [
     "LeaseLostError",
     "RunFailedError",
     "RunCancelledError",
+    "NonRetryableError",
 ]
 
 
