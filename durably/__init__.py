@@ -10,6 +10,7 @@ from __future__ import annotations
 from durably._engine import Durably, create_durably
 from durably._job import JobDefinition, JobHandle, define_job
 from durably._models import LogEntry, Progress, Run, RunResult, Step
+from durably._retry import RetryPolicy
 from durably._steps import StepContext
 from durably._storage._protocol import Storage
 from durably.adapters import open_storage
@@ -18,6 +19,7 @@ from durably.errors import (
     ConflictError,
     DurablyError,
     LeaseLostError,
+    NonRetryableError,
     NotFoundError,
     RunCancelledError,
     RunFailedError,
@@ -34,8 +36,10 @@ __all__ = [
     "JobHandle",
     "LeaseLostError",
     "LogEntry",
+    "NonRetryableError",
     "NotFoundError",
     "Progress",
+    "RetryPolicy",
     "Run",
     "RunCancelledError",
     "RunFailedError",

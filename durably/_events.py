@@ -75,6 +75,8 @@ class RunRetryEvent(Event, kw_only=True):
     job_name: str
     attempt: int
     labels: dict[str, str]
+    #: When an automatic retry becomes claimable (database clock); None for a manual ``retry()``.
+    next_attempt_at: datetime | None = None
 
 
 class RunDeleteEvent(Event, kw_only=True):

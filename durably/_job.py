@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from durably._models import LogEntry, Progress, Run, RunResult
+from durably._retry import RetryPolicy, check_policy
 from durably._waiting import check_timeout
 from durably.errors import ConfigurationError
 
@@ -34,12 +35,21 @@ class JobDefinition(Generic[InputT, OutputT]):
     ``OutputT`` carry the declared types to ``durably.job(definition)``.
     """
 
-    def __init__(self, *, name: str, input: Any, output: Any, run: JobFunction[InputT, OutputT]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        input: Any,
+        output: Any,
+        run: JobFunction[InputT, OutputT],
+        retries: RetryPolicy | None = None,
+    ) -> None:
         self.name: str = name
         # Any: besides classes, msgspec converts to unions, Literals, Annotated…
         self.input_type: Any = input
         self.output_type: Any = Any if output is None else output
         self.run: JobFunction[InputT, OutputT] = run
+        self.retries = retries
 
     def __repr__(self) -> str:
         return f"JobDefinition(name={self.name!r})"
@@ -64,61 +74,93 @@ def _check_name(name: object) -> None:
 
 @overload
 def define_job(
-    *, name: str, input: type[InputT], output: type[OutputT], run: None = None
+    *,
+    name: str,
+    input: type[InputT],
+    output: type[OutputT],
+    run: None = None,
+    retries: RetryPolicy | None = None,
 ) -> Callable[[JobFunction[InputT, OutputT]], JobDefinition[InputT, OutputT]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: type[InputT], output: object = None, run: None = None
+    *,
+    name: str,
+    input: type[InputT],
+    output: object = None,
+    run: None = None,
+    retries: RetryPolicy | None = None,
 ) -> Callable[[JobFunction[InputT, Any]], JobDefinition[InputT, Any]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: object, output: type[OutputT], run: None = None
+    *, name: str, input: object, output: type[OutputT], run: None = None, retries: RetryPolicy | None = None
 ) -> Callable[[JobFunction[Any, OutputT]], JobDefinition[Any, OutputT]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: object, output: object = None, run: None = None
+    *, name: str, input: object, output: object = None, run: None = None, retries: RetryPolicy | None = None
 ) -> Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: type[InputT], output: type[OutputT], run: JobFunction[InputT, OutputT]
+    *,
+    name: str,
+    input: type[InputT],
+    output: type[OutputT],
+    run: JobFunction[InputT, OutputT],
+    retries: RetryPolicy | None = None,
 ) -> JobDefinition[InputT, OutputT]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: type[InputT], output: None = None, run: JobFunction[InputT, Any]
+    *,
+    name: str,
+    input: type[InputT],
+    output: None = None,
+    run: JobFunction[InputT, Any],
+    retries: RetryPolicy | None = None,
 ) -> JobDefinition[InputT, Any]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: object, output: object = None, run: JobFunction[Any, Any]
+    *,
+    name: str,
+    input: object,
+    output: object = None,
+    run: JobFunction[Any, Any],
+    retries: RetryPolicy | None = None,
 ) -> JobDefinition[Any, Any]: ...
 
 
 def define_job(
-    *, name: str, input: object, output: object = None, run: JobFunction[Any, Any] | None = None
+    *,
+    name: str,
+    input: object,
+    output: object = None,
+    run: JobFunction[Any, Any] | None = None,
+    retries: RetryPolicy | None = None,
 ) -> JobDefinition[Any, Any] | Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]:
     """Define a job; a decorator when ``run`` is omitted.
 
     ``input`` and ``output`` are any types msgspec can convert to; ``output=None``
-    accepts any JSON value. Returns a ``JobDefinition``, not the function.
+    accepts any JSON value. ``retries`` retries a failed run with backoff (SPEC §12);
+    none by default. Returns a ``JobDefinition``, not the function.
     """
     _check_name(name)
+    policy = check_policy(retries, f"job {name!r}")
     if input is None:
         raise ConfigurationError(f"job {name!r}: input= is required (use dict[str, Any] for free-form JSON)")
 
     def build(fn: JobFunction[Any, Any]) -> JobDefinition[Any, Any]:
         _check_run(name, fn)
-        return JobDefinition(name=name, input=input, output=output, run=fn)
+        return JobDefinition(name=name, input=input, output=output, run=fn, retries=policy)
 
     if run is None:
         return build

@@ -138,5 +138,7 @@ class ClaimedRun(msgspec.Struct, kw_only=True):
     lease_generation: int
     steps: dict[str, tuple[int, bytes]]
     log_counts: dict[str | None, int] = msgspec.field(default_factory=dict)
+    #: Attempts made so far by steps backing off between them (SPEC §12).
+    step_attempts: dict[str, int] = msgspec.field(default_factory=dict)
     error: str | None = None
     trace_context: str | None = None

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
@@ -24,6 +25,7 @@ from durably._events import (
     RunCompleteEvent,
     RunFailEvent,
     RunProgressEvent,
+    RunRetryEvent,
     RunStartEvent,
     StepCompleteEvent,
     StepFailEvent,
@@ -32,6 +34,7 @@ from durably._events import (
     WorkerErrorEvent,
 )
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
+from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
 from durably.errors import LeaseLostError, StorageError, ValidationError
@@ -47,7 +50,10 @@ _current_step: ContextVar[str | None] = ContextVar("durably_current_step", defau
 _TELEMETRY_PERIOD = 1.0
 _NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
-StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost"]
+# "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12).
+StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost", "postponed"]
+# The end of a job body: (output JSON, error, failed step, the exception behind the error).
+Outcome = tuple[bytes | None, str | None, str | None, Exception | None]
 Finished = Callable[[str, str, bytes | None, str | None], None]
 
 
@@ -88,7 +94,9 @@ class Execution:
         self.run = claimed.run
         self.run_id = claimed.run.id
         self.job_name = claimed.run.job_name
+        self.attempt = claimed.run.attempt
         self.lease = Lease(claimed.run.id, claimed.lease_generation)
+        self._step_attempts = claimed.step_attempts
         self._stored_steps = claimed.steps
         self._undecodable = claimed.error
         # Replay (SPEC §3): the log calls a resumed body makes again are skipped, the n-th
@@ -138,7 +146,7 @@ class Execution:
     async def _execute(self) -> None:
         self._emit(RunStartEvent, input=self.run.input, attempt=self.run.attempt, worker_id=self._worker_id)
         started = time.perf_counter()
-        outcome: tuple[bytes | None, str | None, str | None] | None = None
+        outcome: Outcome | None = None
         with anyio.CancelScope() as scope:
             self._scope = scope
             if self.stop_reason is None:
@@ -150,15 +158,15 @@ class Execution:
             if outcome is None or self.stop_reason is not None:
                 await self._stopped()
             else:
-                await self._finish(*outcome, duration=time.perf_counter() - started)
+                await self._finish(outcome, duration=time.perf_counter() - started)
 
-    async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
-        """(output JSON, None, None) on success; (None, error, failed step) on failure."""
+    async def _run_job(self) -> Outcome:
+        """(output JSON, None, None, None) on success; (None, error, failed step, exc) on failure."""
         if self._undecodable is not None:
             # A row this worker cannot read fails its run, reported; the worker goes on.
             error = ValidationError(self._undecodable)
             self._report(error, "decoding a claimed run")
-            return None, describe(error), None
+            return None, describe(error), None, None  # never retried: the row stays unreadable
         try:
             payload = self._payload()
             try:
@@ -169,8 +177,8 @@ class Execution:
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
         except Exception as exc:
-            return None, describe(exc), self._failed_step(exc)
-        return output, None, None
+            return None, describe(exc), self._failed_step(exc), exc
+        return output, None, None, None
 
     def _payload(self) -> Any:
         try:
@@ -187,14 +195,20 @@ class Execution:
             seen = seen.__cause__ or seen.__context__
         return None
 
-    async def _finish(
-        self, output: bytes | None, error: str | None, failed_step: str | None, *, duration: float
-    ) -> None:
+    async def _finish(self, outcome: Outcome, *, duration: float) -> None:
+        output, error, failed_step, cause = outcome
         telemetry = self._take_telemetry()
+        retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
+        held: object
         try:
             if error is None:
                 assert output is not None
                 held = await self._write(lambda: self._storage.complete_run(self.lease, output, telemetry))
+            elif retry_in is not None:
+                delay = retry_in
+                held = await self._write(
+                    lambda: self._storage.retry_run_later(self.lease, error, delay, telemetry)
+                )
             else:
                 held = await self._write(lambda: self._storage.fail_run(self.lease, error, telemetry))
         except StorageError as exc:
@@ -211,6 +225,8 @@ class Execution:
             self._on_finished(self.run_id, "completed", output, None)
             if self._bus.wants("run:complete"):
                 self._emit(RunCompleteEvent, output=_codec.decode(output), duration=duration)
+        elif retry_in is not None:  # not an end: the run waits for its next attempt
+            self._emit(RunRetryEvent, attempt=self.attempt + 1, next_attempt_at=held)
         else:
             self._on_finished(self.run_id, "failed", None, error)
             self._emit(RunFailEvent, error=error, failed_step_name=failed_step)
@@ -258,7 +274,7 @@ class Execution:
         self.stop(await self.why_lease_gone())
         await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
 
-    async def _write(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+    async def _write(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A fenced write, retried on transient errors while the lease can still be valid."""
         deadline = time.monotonic() + self._lease_seconds
         delay = 0.05
@@ -272,7 +288,7 @@ class Execution:
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
 
-    async def _store(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+    async def _store(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A step's fenced write. If the database stays unreachable for a lease's length,
         the run is abandoned, not failed: its lease expires and a worker resumes it."""
         try:
@@ -302,6 +318,8 @@ class Execution:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         type_: Any,
+        retries: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> Any:
         if not isinstance(name, str) or not name:
             raise ValueError(f"step name must be a non-empty string, got {name!r}")
@@ -320,8 +338,11 @@ class Execution:
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
+        attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
-            return await self._execute_step(name, index, fn, args, kwargs, type_)
+            return await self._execute_step(
+                name, index, partial(call_step_function, fn, args, kwargs), type_, attempts
+            )
 
     def _end_replay(self) -> None:
         """The body reached code that never ran (a new step, or its end): progress flows again.
@@ -336,27 +357,27 @@ class Execution:
             self._record_progress(held)
 
     async def _execute_step(
-        self,
-        name: str,
-        index: int,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        type_: Any,
+        self, name: str, index: int, call: Callable[[], Awaitable[Any]], type_: Any, attempts: StepAttempts
     ) -> Any:
         self._emit(StepStartEvent, step_name=name, step_index=index)
-        started_at = _clock.now()
         started = time.perf_counter()
+        record = partial(StepRecord, name=name, index=index, started_at=_clock.now())
         token = _current_step.set(name)
         try:
-            output = encode_result(name, await call_step_function(fn, args, kwargs), type_)
-            telemetry = self._take_telemetry()
-            record = StepRecord(
-                name=name, index=index, output=output, started_at=started_at, completed_at=_clock.now()
+            value = await attempts.call(
+                call,
+                lambda exc, delay: self._back_off(
+                    record(error=describe(exc), completed_at=None, attempts=attempts.count), delay
+                ),
             )
-            held = await self._store(lambda: self._storage.save_step(self.lease, record, telemetry))
+            output = encode_result(name, value, type_)
+            telemetry = self._take_telemetry()
+            done = record(output=output, completed_at=_clock.now(), attempts=attempts.count)
+            held = await self._store(lambda: self._storage.save_step(self.lease, done, telemetry))
         except Exception as exc:
-            await self._step_failed(name, index, exc, started_at)
+            await self._step_failed(
+                record(error=describe(exc), completed_at=_clock.now(), attempts=attempts.count), exc
+            )
             raise
         finally:
             _current_step.reset(token)
@@ -373,16 +394,34 @@ class Execution:
             )
         return result
 
-    async def _step_failed(self, name: str, index: int, exc: Exception, started_at: float) -> None:
-        self._step_errors.append((exc, name))
-        error = describe(exc)
-        record = StepRecord(
-            name=name, index=index, error=error, started_at=started_at, completed_at=_clock.now()
+    async def _back_off(self, failed: StepRecord, delay: float) -> None:
+        """Store a failed attempt, then wait ``delay`` s: in place, or if longer than a lease,
+        as a pending run with a ``wake_at`` whose slot and lease are freed meanwhile."""
+        self._log.warning(
+            "step attempt failed",
+            step_name=failed.name,
+            attempt=failed.attempts,
+            error=failed.error,
+            retry_in=delay,
         )
+        telemetry = self._take_telemetry()
+        if delay <= self._lease_seconds:
+            if not await self._store(lambda: self._storage.save_step(self.lease, failed, telemetry)):
+                await self._lease_gone()
+            await anyio.sleep(delay)
+            return
+        wake_at = await self._store(lambda: self._storage.postpone_run(self.lease, failed, delay, telemetry))
+        if wake_at is None:
+            await self._lease_gone()
+        self.stop("postponed")
+        await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
+
+    async def _step_failed(self, record: StepRecord, exc: Exception) -> None:
+        self._step_errors.append((exc, record.name))
         telemetry = self._take_telemetry()
         if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
             await self._lease_gone()
-        self._emit(StepFailEvent, step_name=name, step_index=index, error=error)
+        self._emit(StepFailEvent, step_name=record.name, step_index=record.index, error=record.error)
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from datetime import timedelta
 from functools import partial
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from durably import _codec, _threads
 from durably._models import LogLevel, Progress
+from durably._retry import RetryPolicy, check_policy, check_timeout
 
 if TYPE_CHECKING:
     from typing import _SpecialForm
@@ -23,9 +25,17 @@ class _Run(Protocol):
 
     run_id: str
     job_name: str
+    attempt: int
 
     async def step(
-        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], type_: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        type_: Any,
+        retries: RetryPolicy | None,
+        timeout: float | None,
     ) -> Any: ...
 
     def progress(self, current: float, total: float | None, message: str | None) -> None: ...
@@ -56,34 +66,71 @@ class StepContext:
         self._execution = execution
         self.run_id = execution.run_id
         self.job_name = execution.job_name
+        #: The run's attempt number: 1, then one more per retry, manual or automatic.
+        self.attempt = execution.attempt
         self.log = StepLog(execution)
 
     @overload
     async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: None = None, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: None = None,
+        retries: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
     ) -> Any: ...
 
     @overload
-    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+    async def run(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: type[T],
+        retries: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> T: ...
 
     # A type that is not a class (``X | None``, ``Literal[…]``) converts too, but checkers
     # cannot make a type of it: Any. Not ``object``: mypy would fall back to this overload
     # (and miss the mismatch) where ``x: str = await step.run(…, type=ImageOut)``.
     @overload
     async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: UnionType | _SpecialForm, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: UnionType | _SpecialForm,
+        retries: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
     ) -> Any: ...
 
     async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = None, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: Any = None,
+        retries: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once and store its result under ``name``.
 
         On resume the stored result is returned without calling ``fn``. Either
         way the value is the result as decoded from its stored JSON (converted to
-        ``type`` when given). Sync functions run in a worker thread.
+        ``type`` when given). Sync functions run in a worker thread. ``retries``
+        tries a failing ``fn`` again with backoff; past ``timeout`` seconds an
+        attempt fails with ``TimeoutError`` (a sync function's thread runs on, its
+        late result discarded).
         """
-        return await self._execution.step(name, fn, args, kwargs, type)
+        where = f"step {name!r}"
+        policy, seconds = check_policy(retries, where), check_timeout(timeout, where)
+        return await self._execution.step(name, fn, args, kwargs, type, policy, seconds)
 
     def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: emitted at once, stored within a second (the last value always lands)."""

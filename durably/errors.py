@@ -7,6 +7,7 @@ __all__ = [
     "ConflictError",
     "DurablyError",
     "LeaseLostError",
+    "NonRetryableError",
     "NotFoundError",
     "RunCancelledError",
     "RunFailedError",
@@ -66,3 +67,7 @@ class RunCancelledError(DurablyError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run {run_id} was cancelled")
         self.run_id = run_id
+
+
+class NonRetryableError(DurablyError):
+    """Raise it in a job or a step to fail at once, whatever the retry policy says."""

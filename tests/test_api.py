@@ -37,8 +37,10 @@ EXPECTED_ALL = [
     "JobHandle",
     "LeaseLostError",
     "LogEntry",
+    "NonRetryableError",
     "NotFoundError",
     "Progress",
+    "RetryPolicy",
     "Run",
     "RunCancelledError",
     "RunFailedError",
@@ -62,6 +64,7 @@ ERRORS = [
     "LeaseLostError",
     "RunFailedError",
     "RunCancelledError",
+    "NonRetryableError",
 ]
 
 

@@ -25,7 +25,7 @@ SPEC_FIELDS: dict[str, set[str]] = {
     "run:complete": {"run_id", "job_name", "output", "duration", "labels"},
     "run:fail": {"run_id", "job_name", "error", "failed_step_name", "labels"},
     "run:cancel": {"run_id", "job_name", "labels"},
-    "run:retry": {"run_id", "job_name", "attempt", "labels"},
+    "run:retry": {"run_id", "job_name", "attempt", "labels", "next_attempt_at"},
     "run:delete": {"run_id", "job_name", "labels"},
     "run:progress": {"run_id", "job_name", "progress", "labels"},
     "step:start": {"run_id", "job_name", "step_name", "step_index"},

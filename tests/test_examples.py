@@ -97,3 +97,17 @@ def test_retry_resumes_after_the_last_completed_step_and_cancel_stops_a_run(tmp_
     cancelled = re.search(r"^  cancelled after (\d+) of 50 pages$", out, re.MULTILINE)
     assert cancelled is not None, out
     assert 0 < int(cancelled.group(1)) < 50
+
+
+def test_retries_backs_off_times_out_retries_a_run_and_gives_up_on_a_non_retryable_error(
+    tmp_path: Path,
+) -> None:
+    out = run_example("retries.py", cwd=tmp_path)
+    assert "output={'price': 9.99, 'order': 'A-1', 'charged': True}" in out
+    assert "calls: quote=2 charge=3" in out  # the timed-out quote once, the charge after two failures
+    assert re.search(
+        r"^  ship: attempt 1\n  \[run:retry\] attempt 2 at [\d:.]+\n  ship: attempt 2\n", out, re.M
+    ), out
+    assert "output=shipped reserve calls=2" in out
+    assert "failed on attempt 1: NonRetryableError: order empty has no items" in out
+    assert out.count("[run:fail]") == 1  # only the final failure

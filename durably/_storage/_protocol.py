@@ -33,7 +33,9 @@ class StepRecord(msgspec.Struct, kw_only=True):
     output: bytes | None = None
     error: str | None = None
     started_at: float
-    completed_at: float
+    #: None while the step backs off between attempts (SPEC §12); then resumed runs go on counting.
+    completed_at: float | None
+    attempts: int = 1
 
 
 class Telemetry(msgspec.Struct, kw_only=True):
@@ -133,6 +135,30 @@ class Storage(Protocol):
 
     async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
         """Mark the run ``failed`` with ``error`` and drop the lease, if held."""
+        ...
+
+    async def retry_run_later(
+        self, lease: Lease, error: str, delay: float, telemetry: Telemetry
+    ) -> datetime | None:
+        """Retry a held run automatically: one write, made only if the lease is held.
+
+        The run goes back to ``pending`` with ``attempt + 1``, ``error`` kept as its last
+        failure (cleared when it completes) and ``wake_at`` ``delay`` seconds from now on
+        the database clock: no worker claims it before. The lease is released; completed
+        steps are kept, so the run resumes after them. Returns ``wake_at``, or ``None`` if
+        the lease was not held (nothing written).
+        """
+        ...
+
+    async def postpone_run(
+        self, lease: Lease, step: StepRecord, delay: float, telemetry: Telemetry
+    ) -> datetime | None:
+        """Store ``step`` (a failed attempt) and release the held run to wait: one write.
+
+        As ``retry_run_later``, but ``attempt`` and ``error`` are unchanged: a step backing
+        off for longer than a lease frees its worker slot. The run is claimable again
+        ``delay`` seconds from now. Returns ``wake_at``, or ``None`` if the lease was not held.
+        """
         ...
 
     async def get_run(self, run_id: str) -> Run | None:

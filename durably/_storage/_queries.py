@@ -102,12 +102,12 @@ UPDATE durably_runs SET status = 'pending', lease_owner = NULL, lease_expires_at
 WHERE {HELD} RETURNING 1"""
 
 SAVE_STEP = f"""
-INSERT INTO durably_steps (run_id, name, idx, status, output, error, started_at, completed_at)
-SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE {LEASE_IS_HELD}
+INSERT INTO durably_steps (run_id, name, idx, status, output, error, started_at, completed_at, attempts)
+SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {LEASE_IS_HELD}
 ON CONFLICT (run_id, name) DO UPDATE SET
     idx = excluded.idx, status = excluded.status, output = excluded.output,
     error = excluded.error, started_at = excluded.started_at,
-    completed_at = excluded.completed_at
+    completed_at = excluded.completed_at, attempts = excluded.attempts
 RETURNING 1"""
 
 SAVE_PROGRESS = f"UPDATE durably_runs SET progress = ? WHERE {HELD} RETURNING 1"
@@ -120,7 +120,7 @@ SELECT ?, j.value ->> '$[0]', j.value ->> '$[1]', j.value ->> '$[2]', j.value ->
 FROM json_each(?) AS j WHERE {LEASE_IS_HELD}"""
 
 COMPLETE_RUN = f"""
-UPDATE durably_runs SET status = 'completed', output = ?, progress = COALESCE(?, progress),
+UPDATE durably_runs SET status = 'completed', output = ?, progress = COALESCE(?, progress), error = NULL,
     completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
 WHERE {HELD} RETURNING 1"""
 
@@ -128,6 +128,22 @@ FAIL_RUN = f"""
 UPDATE durably_runs SET status = 'failed', error = ?, progress = COALESCE(?, progress),
     completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
 WHERE {HELD} RETURNING 1"""
+
+# A held run goes back to pending, claimable ?3 seconds from now on the database clock:
+# a retry (?1 = 1: the next attempt, the failure kept in ``error`` until it completes) or a
+# step backing off (?1 = 0). Only a retry starts the run over (``started_at``).
+WAKE_LATER = f"""
+UPDATE durably_runs SET status = 'pending', attempt = attempt + ?1, error = COALESCE(?2, error),
+    wake_at = {NOW} + ?3, progress = COALESCE(?4, progress), lease_owner = NULL,
+    lease_expires_at = NULL, started_at = CASE WHEN ?1 > 0 THEN NULL ELSE started_at END
+WHERE id = ?5 AND status = 'leased' AND lease_generation = ?6 RETURNING wake_at"""
+# Whether an earlier send of WAKE_LATER under this lease landed (its answer was lost).
+WOKEN_LATER = "SELECT wake_at FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = 'pending'"
+
+# Steps backing off between attempts (failed, not ended): a resumed run goes on counting.
+STEP_ATTEMPTS = """
+SELECT run_id, name, attempts FROM durably_steps
+WHERE status = 'failed' AND completed_at IS NULL AND run_id IN (SELECT value FROM json_each(?))"""
 
 CANCEL_RUN = f"""
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},

@@ -23,6 +23,7 @@ from durably.errors import ConflictError, NotFoundError, StorageError
 _RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
 # A run whose lease ended under a given generation, leaving it in a given status.
 _ENDED_AS = "SELECT 1 FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = ?"
+_NOTHING = Telemetry()  # never changed: a write that carries no progress or logs
 _MIGRATE_PATIENCE = 60.0  # seconds a migration waits for other writers before giving up
 
 
@@ -111,6 +112,7 @@ def _claimed(row: Row, resumed: _Resumed) -> ClaimedRun:
         lease_generation=generation,
         steps=resumed.steps.get(run_id, {}),
         log_counts=resumed.log_counts.get(run_id, {}),
+        step_attempts=resumed.step_attempts.get(run_id, {}),
         error=resumed.errors.get(run_id),
         trace_context=None if row[_RUN_WIDTH + 1] is None else _text(row[_RUN_WIDTH + 1]),
     )
@@ -123,6 +125,7 @@ class _Resumed:
         self.steps: dict[str, dict[str, tuple[int, bytes]]] = {}
         self.log_counts: dict[str, dict[str | None, int]] = {}
         self.errors: dict[str, str] = {}
+        self.step_attempts: dict[str, dict[str, int]] = {}
 
     def add_steps(self, rows: list[Row]) -> None:
         for run_id, name, index, output in rows:
@@ -132,6 +135,10 @@ class _Resumed:
                 self.errors[_text(run_id)] = (
                     f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
                 )
+
+    def add_step_attempts(self, rows: list[Row]) -> None:
+        for run_id, name, attempts in rows:
+            self.step_attempts.setdefault(_text(run_id), {})[_text(name)] = _int(attempts)
 
     def add_log_counts(self, rows: list[Row]) -> None:
         for run_id, step_name, count in rows:
@@ -172,6 +179,7 @@ def _save_step_statements(lease: Lease, step: StepRecord, telemetry: Telemetry) 
                 step.error,
                 step.started_at,
                 step.completed_at,
+                step.attempts,
                 lease.run_id,
                 lease.generation,
             ),
@@ -301,11 +309,12 @@ class SqlStorage:
         resumed = _Resumed()
         if resumed_ids:
             ids = _codec.encode(resumed_ids).decode()
-            steps, log_counts = await self._driver.read_primary(
-                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,))]
+            steps, log_counts, attempts = await self._driver.read_primary(
+                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,)), (q.STEP_ATTEMPTS, (ids,))]
             )
             resumed.add_steps(steps)
             resumed.add_log_counts(log_counts)
+            resumed.add_step_attempts(attempts)
         claimed = [_claimed(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
@@ -357,6 +366,30 @@ class SqlStorage:
     async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
         params = (error, _progress_json(telemetry.progress), lease.run_id, lease.generation)
         return await self._ending(lease, (q.FAIL_RUN, params), telemetry, "failed")
+
+    async def retry_run_later(
+        self, lease: Lease, error: str, delay: float, telemetry: Telemetry
+    ) -> datetime | None:
+        return await self._wake_later(lease, [], (1, error, delay), telemetry)
+
+    async def postpone_run(
+        self, lease: Lease, step: StepRecord, delay: float, telemetry: Telemetry
+    ) -> datetime | None:
+        save = _save_step_statements(lease, step, _NOTHING)
+        return await self._wake_later(lease, save, (0, None, delay), telemetry)
+
+    async def _wake_later(
+        self, lease: Lease, first: list[Statement], params: tuple[Value, ...], telemetry: Telemetry
+    ) -> datetime | None:
+        wake: Statement = (
+            q.WAKE_LATER,
+            (*params, _progress_json(telemetry.progress), lease.run_id, lease.generation),
+        )
+        results = await self._driver.write([*first, *_log_statements(lease, telemetry), wake])
+        rows = results[-1]
+        if not rows:  # perhaps an earlier send landed and its answer was lost (SPEC §15)
+            [rows] = await self._driver.write([(q.WOKEN_LATER, (lease.run_id, lease.generation))])
+        return _time(rows[0][0]) if rows else None
 
     async def get_run(self, run_id: str) -> Run | None:
         rows = await self._driver.read(q.SELECT_RUN_BY_ID, (run_id,))

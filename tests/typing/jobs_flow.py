@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any, Literal, TypedDict, assert_type
 
 from images import ImageIn, ImageOut, process_image
@@ -11,6 +12,7 @@ from durably import (
     Durably,
     JobDefinition,
     JobHandle,
+    RetryPolicy,
     Run,
     RunResult,
     StepContext,
@@ -40,7 +42,7 @@ bill = define_job(name="bill", input=Order, output=Receipt, run=_bill)
 assert_type(bill, JobDefinition[Order, Receipt])
 
 
-@define_job(name="free-form", input=dict[str, Any])
+@define_job(name="free-form", input=dict[str, Any], retries=RetryPolicy(initial_delay=timedelta(seconds=2)))
 async def free_form(step: StepContext, payload: dict[str, Any]) -> list[str]:
     return sorted(payload)
 
@@ -119,7 +121,7 @@ async def trigger_by_name() -> None:
     assert_type(result.output, Any)
 
 
-def fetch(url: str, *, retries: int = 0) -> dict[str, Any]:
+def fetch(url: str, *, mirrors: int = 0) -> dict[str, Any]:
     return {"url": url, "size": 3}
 
 
@@ -130,8 +132,13 @@ async def upload(data: bytes) -> dict[str, str]:
 @define_job(name="steps", input=ImageIn, output=ImageOut)
 async def steps(step: StepContext, payload: ImageIn) -> ImageOut:
     # Without type=, a step's result is decoded JSON: Any.
-    data = await step.run("fetch", fetch, payload.filename, retries=2)
+    data = await step.run("fetch", fetch, payload.filename, mirrors=2)
     assert_type(data, Any)
+    # retries= and timeout= belong to step.run, not to the function (SPEC section 12).
+    retried = await step.run(
+        "retried", upload, b"x", type=ImageOut, retries=RetryPolicy(max_attempts=5), timeout=30
+    )
+    assert_type(retried, ImageOut)
     typed = await step.run("upload", upload, b"x", type=ImageOut)
     assert_type(typed, ImageOut)
     sizes = await step.run("sizes", lambda: [1, 2], type=list[int])
