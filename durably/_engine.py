@@ -399,8 +399,27 @@ class Durably:
         return await self._runs.retrigger(run_id)
 
     async def cancel(self, run_id: str) -> Run:
-        """Cancel a pending or leased run; the worker executing it stops within a heartbeat."""
+        """Cancel a pending, leased or waiting run (and its unfinished children); a worker
+        executing it stops within a heartbeat."""
         return await self._runs.cancel(run_id)
+
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Deliver a signal to a run's ``step.wait_for_signal(name)``; kept until one consumes it.
+
+        ``NotFoundError`` for an unknown run, ``ConflictError`` for an ended one.
+        """
+        await self._runs.signal(run_id, name, payload)
+
+    async def next_wake_at(self) -> datetime | None:
+        """The earliest moment a run of a registered job (or a schedule) is due; now if one is
+        claimable; ``None`` if nothing ever becomes due by time."""
+        runs = await self._runs.next_wake_at()
+        now = _clock.to_datetime(_clock.now())
+        assert now is not None
+        until_tick = self._scheduler.seconds_until_next(now)
+        tick = None if until_tick is None else now + timedelta(seconds=until_tick)
+        candidates = [when for when in (runs, tick) if when is not None]
+        return min(candidates) if candidates else None
 
     async def delete_run(self, run_id: str) -> None:
         """Delete an ended run with its steps and logs."""

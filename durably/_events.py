@@ -75,6 +75,23 @@ class RunRetryEvent(Event, kw_only=True):
     job_name: str
     attempt: int
     labels: dict[str, str]
+    next_attempt_at: datetime | None = None  # None for a manual retry
+
+
+class RunWaitEvent(Event, kw_only=True):
+    type: Literal["run:wait"] = "run:wait"
+    run_id: str
+    job_name: str
+    waiting_for: str
+    wake_at: datetime | None
+    labels: dict[str, str]
+
+
+class RunSignalEvent(Event, kw_only=True):
+    type: Literal["run:signal"] = "run:signal"
+    run_id: str
+    job_name: str
+    name: str
 
 
 class RunDeleteEvent(Event, kw_only=True):
@@ -157,6 +174,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RunFailEvent,
         RunCancelEvent,
         RunRetryEvent,
+        RunWaitEvent,
+        RunSignalEvent,
         RunDeleteEvent,
         RunProgressEvent,
         StepStartEvent,

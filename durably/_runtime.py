@@ -25,6 +25,7 @@ from durably._events import (
     RunFailEvent,
     RunProgressEvent,
     RunStartEvent,
+    RunWaitEvent,
     StepCompleteEvent,
     StepFailEvent,
     StepSkipEvent,
@@ -33,7 +34,8 @@ from durably._events import (
 )
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
-from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
+from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
+from durably._waits import Suspend
 from durably.errors import LeaseLostError, StorageError, ValidationError
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ _current_step: ContextVar[str | None] = ContextVar("durably_current_step", defau
 _TELEMETRY_PERIOD = 1.0
 _NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
-StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost"]
+StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost", "waiting"]
 Finished = Callable[[str, str, bytes | None, str | None], None]
 
 
@@ -106,6 +108,7 @@ class Execution:
         self._finishing = False
         self.stop_reason: StopReason | None = None
         self._seen_steps: set[str] = set()
+        self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
         self._telemetry = Telemetry()
@@ -146,8 +149,9 @@ class Execution:
             else:
                 await self._finish(*outcome, duration=time.perf_counter() - started)
 
-    async def _run_job(self) -> tuple[bytes | None, str | None, str | None]:
-        """(output JSON, None, None) on success; (None, error, failed step) on failure."""
+    async def _run_job(self) -> tuple[bytes | None, str | None, str | None] | None:
+        """(output JSON, None, None) on success; (None, error, failed step) on failure;
+        None when the run now waits (its state is stored already)."""
         if self._undecodable is not None:
             # A row this worker cannot read fails its run, reported; the worker goes on.
             error = ValidationError(self._undecodable)
@@ -162,6 +166,8 @@ class Execution:
             output = _codec.canonical(
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
+        except Suspend:
+            return None
         except Exception as exc:
             return None, describe(exc), self._failed_step(exc)
         return output, None, None
@@ -216,6 +222,9 @@ class Execution:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
             self._on_finished(self.run_id, "cancelled", None, None)
+        elif reason == "waiting":
+            waiting_for, wake_at = self._waiting_for
+            self._emit(RunWaitEvent, waiting_for=waiting_for, wake_at=_clock.to_datetime(wake_at))
         elif reason in ("lease_lost", "finished_elsewhere"):
             self._report(self._lease_lost_error(), "run execution")
 
@@ -248,7 +257,7 @@ class Execution:
         self.stop(await self.why_lease_gone())
         await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
 
-    async def _write(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+    async def _write(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A fenced write, retried on transient errors while the lease can still be valid."""
         deadline = time.monotonic() + self._lease_seconds
         delay = 0.05
@@ -262,7 +271,7 @@ class Execution:
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
 
-    async def _store(self, operation: Callable[[], Awaitable[bool]]) -> bool:
+    async def _store(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A step's fenced write. If the database stays unreachable for a lease's length,
         the run is abandoned, not failed: its lease expires and a worker resumes it."""
         try:
@@ -293,23 +302,49 @@ class Execution:
         kwargs: dict[str, Any],
         type_: Any,
     ) -> Any:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"step name must be a non-empty string, got {name!r}")
-        if name in self._seen_steps:
-            raise ValueError(f"step name {name!r} is used twice in run {self.run_id}; names must be unique")
         if not callable(fn):
             raise TypeError(f"step {name!r}: {fn!r} is not callable")
-        self._seen_steps.add(name)
-        index = self._next_index
-        self._next_index += 1
-        if self.stop_reason is not None:
-            await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
+        index = await self.begin_step(name)
         stored = self._stored_steps.get(name)
         if stored is not None:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
         return await self._execute_step(name, index, fn, args, kwargs, type_)
+
+    async def begin_step(self, name: str) -> int:
+        """Check and reserve a step name; its index. No step starts once the run is stopping."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"step name must be a non-empty string, got {name!r}")
+        if name in self._seen_steps:
+            raise ValueError(f"step name {name!r} is used twice in run {self.run_id}; names must be unique")
+        self._seen_steps.add(name)
+        index = self._next_index
+        self._next_index += 1
+        if self.stop_reason is not None:
+            await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
+        return index
+
+    def stored_step(self, name: str) -> bytes | None:
+        """The stored result of a completed step (JSON), if any."""
+        stored = self._stored_steps.get(name)
+        return None if stored is None else stored[1]
+
+    async def wait(self, request: WaitRequest) -> WaitResult:
+        """Resolve a wait or make the run wait, in one fenced write (SPEC §12).
+
+        When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
+        """
+        self._end_replay()
+        telemetry = self._take_telemetry()
+        result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
+        if result.state == "lost":
+            await self._lease_gone()
+        if result.state == "waiting":
+            self.stop_reason = "waiting"
+            self._waiting_for = (request.waiting_for, result.wake_at)
+            raise Suspend
+        return result
 
     def _end_replay(self) -> None:
         """The body reached code that never ran (a new step, or its end): progress flows again.

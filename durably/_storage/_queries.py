@@ -188,3 +188,111 @@ RUN_EXISTS = "SELECT 1 FROM durably_runs WHERE id = ?"
 
 SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM durably_schema_versions"
 RECORD_VERSION = f"INSERT INTO durably_schema_versions (version, applied_at) VALUES (?, {NOW})"
+
+# --- waits (SPEC §12) -------------------------------------------------------------------
+# A wait is one atomic write of the statements below, in this order, all fenced by the
+# lease. ?1 run id, ?2 lease generation throughout.
+
+_HELD_12 = "id = ?1 AND status = 'leased' AND lease_generation = ?2"
+_IS_HELD_12 = f"EXISTS (SELECT 1 FROM durably_runs WHERE {_HELD_12})"
+_RESOLVED = "EXISTS (SELECT 1 FROM durably_steps WHERE run_id = ?1 AND name = ?3)"
+_DEADLINE = "(SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?3)"
+
+# The deadline of a wait (?3 its step, ?4 index, ?5 seconds from now or ?6 an epoch
+# time), stored once as a step: epoch seconds on the database clock.
+WAIT_TIMER = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?4, 'completed', CAST(COALESCE(?6, {NOW} + ?5) AS TEXT), {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# The oldest unconsumed signal of that name, consumed by this wait (?3 the step, ?4 the
+# signal name, ?5 the consumer: run id and step), unless the step is resolved already.
+CONSUME_SIGNAL = f"""
+UPDATE durably_signals SET consumed_by = ?5
+WHERE seq = (SELECT seq FROM durably_signals
+             WHERE run_id = ?1 AND name = ?4 AND consumed_by IS NULL ORDER BY seq LIMIT 1)
+  AND {_IS_HELD_12} AND NOT {_RESOLVED}"""
+STORE_SIGNAL = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?6, 'completed', json_object('signal', json(payload)), {NOW}, {NOW}
+FROM durably_signals WHERE consumed_by = ?5
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# Children, found by their idempotency keys (?4: a JSON array; ?5 their job): once all
+# have ended, their outcomes as [id, status, output, error] in trigger order.
+_CHILDREN = "job_name = ?5 AND idempotency_key IN (SELECT value FROM json_each(?4))"
+STORE_CHILDREN = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?6, 'completed',
+       (SELECT json_group_array(json_array(id, status, json(output), error))
+        FROM (SELECT id, status, output, error FROM durably_runs WHERE {_CHILDREN} ORDER BY seq)),
+       {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+  AND NOT EXISTS (SELECT 1 FROM durably_runs WHERE {_CHILDREN} AND status NOT IN {TERMINAL})
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# A signal or children not come by the deadline (?4 the timer step): a timeout.
+STORE_TIMEOUT = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?5, 'completed', '{{"timeout":true}}', {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+  AND (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?4) <= {NOW}
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# The run waits unless resolved (?3 the step; for a sleep, the timer step: resolved once
+# passed), ?4 waiting_for, ?5 the timer step or NULL, ?6 progress, ?7 whether a sleep;
+# for children (?8 their keys, ?9 their job) waiting_for names them: runs:ID,ID…
+SUSPEND_RUN = f"""
+UPDATE durably_runs SET status = 'waiting', lease_owner = NULL,
+    waiting_for = CASE WHEN ?8 IS NULL THEN ?4 ELSE 'runs:' || (
+        SELECT group_concat(id, ',') FROM (SELECT c.id FROM durably_runs AS c
+        WHERE c.job_name = ?9 AND c.idempotency_key IN (SELECT value FROM json_each(?8))
+        ORDER BY c.seq)) END,
+    lease_expires_at = NULL, progress = COALESCE(?6, progress),
+    wake_at = (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?5)
+WHERE {_HELD_12}
+  AND CASE WHEN ?7 THEN {_DEADLINE} > {NOW} ELSE NOT {_RESOLVED} END
+RETURNING wake_at"""
+
+STILL_HELD = f"SELECT 1 FROM durably_runs WHERE {_HELD_12}"
+WAIT_RESOLUTION = "SELECT output FROM durably_steps WHERE run_id = ?1 AND name = ?2"
+
+# A signal for a run not yet ended is kept; a run waiting for it becomes due at once.
+INSERT_SIGNAL = f"""
+INSERT INTO durably_signals (run_id, name, payload, created_at)
+SELECT ?1, ?2, ?3, {NOW} WHERE EXISTS (
+    SELECT 1 FROM durably_runs WHERE id = ?1 AND status NOT IN {TERMINAL})
+RETURNING 1"""
+WAKE_FOR_SIGNAL = f"""
+UPDATE durably_runs SET wake_at = {NOW}
+WHERE id = ?1 AND status = 'waiting' AND waiting_for = 'signal:' || ?2"""
+
+# The last child to end wakes its waiting parent, in the write that ends the child.
+WAKE_PARENT = f"""
+UPDATE durably_runs SET wake_at = {NOW}
+WHERE id = (SELECT parent_run_id FROM durably_runs WHERE id = ?1) AND status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM durably_runs AS c
+                  WHERE c.parent_run_id = durably_runs.id AND c.status NOT IN {TERMINAL})"""
+
+# Cancelling a run cancels its unfinished descendants.
+CANCEL_DESCENDANTS = f"""
+WITH RECURSIVE tree(id) AS (
+    SELECT id FROM durably_runs WHERE parent_run_id = ?1
+    UNION SELECT r.id FROM durably_runs AS r JOIN tree ON r.parent_run_id = tree.id)
+UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL
+WHERE id IN (SELECT id FROM tree) AND status IN ('pending', 'leased', 'waiting')"""
+
+# When the first run of the given jobs becomes claimable (NULL: none ever, by time).
+NEXT_WAKE_AT = f"""
+SELECT CASE WHEN EXISTS (
+    SELECT 1 FROM durably_runs INDEXED BY durably_runs_ready
+    WHERE status = 'pending' AND wake_at IS NULL AND job_name IN (SELECT value FROM json_each(?1)))
+THEN {NOW} ELSE NULLIF(MIN(
+    COALESCE((SELECT MIN(wake_at) FROM durably_runs INDEXED BY durably_runs_due
+              WHERE wake_at IS NOT NULL AND status IN ('pending', 'waiting')
+                AND job_name IN (SELECT value FROM json_each(?1))), 1e18),
+    COALESCE((SELECT MIN(lease_expires_at) FROM durably_runs
+              WHERE status = 'leased' AND job_name IN (SELECT value FROM json_each(?1))), 1e18)), 1e18)
+END"""

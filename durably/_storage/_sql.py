@@ -15,8 +15,17 @@ from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
+from durably._storage import _waits
 from durably._storage._driver import Driver, Row, Statement, Value
-from durably._storage._protocol import Lease, RunChanges, RunFilter, StepRecord, Telemetry
+from durably._storage._protocol import (
+    Lease,
+    RunChanges,
+    RunFilter,
+    StepRecord,
+    Telemetry,
+    WaitRequest,
+    WaitResult,
+)
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
@@ -240,24 +249,8 @@ class SqlStorage:
         statements: list[Statement] = []
         positions: list[tuple[int, int | None]] = []  # per run: its INSERT, its idempotency SELECT
         for run in runs:
-            labels = _codec.encode(run.labels).decode()
             insert = len(statements)
-            params = (
-                run.id,
-                run.job_name,
-                run.input.decode(),
-                labels,
-                run.idempotency_key,
-                run.concurrency_key,
-                run.priority,
-                run.delay,
-                run.run_at,
-                run.parent_run_id,
-                run.trace_context,
-            )
-            statements.append((q.INSERT_RUN, params))
-            if run.labels:
-                statements.append((q.INSERT_LABELS, (labels, run.id)))
+            statements.extend(_waits.insert_run(run))
             existing = None
             if run.idempotency_key is not None:
                 existing = len(statements)
@@ -317,14 +310,16 @@ class SqlStorage:
         [rows] = await self._driver.write([(q.RENEW_LEASES, (lease_seconds, ids, pairs))])
         return {_text(row[0]) for row in rows}
 
-    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry) -> bool:
+    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry, *after: Statement) -> bool:
         # Logs first: once ``main`` ends the lease, their guard would refuse them.
-        results = await self._driver.write([*_log_statements(lease, telemetry), main])
-        return _held(results[-1])
+        logs = _log_statements(lease, telemetry)
+        results = await self._driver.write([*logs, main, *after])
+        return _held(results[len(logs)])
 
     async def _ending(self, lease: Lease, main: Statement, telemetry: Telemetry, status: str) -> bool:
-        """``_guarded`` for a write that ends the lease leaving the run in ``status``."""
-        if await self._guarded(lease, main, telemetry):
+        """``_guarded`` for a write that ends the lease leaving the run in ``status``; a parent
+        waiting for this run as its last child wakes in the same write."""
+        if await self._guarded(lease, main, telemetry, (q.WAKE_PARENT, (lease.run_id,))):
             return True
         # Perhaps an earlier send of this very write ended it and the connection lost the answer
         # (SPEC §15): only this lease's holder can leave the run so under this generation.
@@ -432,10 +427,45 @@ class SqlStorage:
         return _run_from_row(current[0]), bool(changed)
 
     async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
-        run, changed = await self._change_status(q.CANCEL_RUN, run_id)
+        changed, _, _, current = await self._driver.write(
+            [
+                (q.CANCEL_RUN, (run_id,)),
+                (q.CANCEL_DESCENDANTS, (run_id,)),
+                (q.WAKE_PARENT, (run_id,)),
+                (q.SELECT_RUN_BY_ID, (run_id,)),
+            ]
+        )
+        if not current:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        run = _run_from_row(current[0])
         if not changed and run.status != "cancelled":
             raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
-        return run, changed
+        return run, bool(changed)
+
+    async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
+        logs = _log_statements(lease, telemetry)
+        statements = _waits.wait_statements(lease, request, _progress_json(telemetry.progress))
+        results = await self._driver.write([*logs, *statements])
+        return _waits.wait_result(request, results)
+
+    async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
+        stored, _, current = await self._driver.write(
+            [
+                (q.INSERT_SIGNAL, (run_id, name, payload.decode())),
+                (q.WAKE_FOR_SIGNAL, (run_id, name)),
+                (q.SELECT_RUN_BY_ID, (run_id,)),
+            ]
+        )
+        if not current:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        run = _run_from_row(current[0])
+        if not stored:
+            raise ConflictError(f"run {run_id} is {run.status}: an ended run takes no signals")
+        return run
+
+    async def next_wake_at(self, job_names: Sequence[str]) -> float | None:
+        rows = await self._driver.read(q.NEXT_WAKE_AT, (_codec.encode(list(job_names)).decode(),))
+        return _float(rows[0][0]) if rows else None
 
     async def retry_run(self, run_id: str) -> Run:
         run, changed = await self._change_status(q.RETRY_RUN, run_id)
