@@ -329,25 +329,36 @@ class Durably:
     async def process_one(self) -> bool:
         """Claim and execute at most one run; whether there was one."""
         await self._ready()
-        return await self._get_worker().process(1) > 0
+        claimed, _ = await self._get_worker().process(1)
+        return claimed > 0
 
-    async def process_until_idle(self, max_runs: int | None = None) -> int:
-        """Execute runs (up to ``max_concurrent_runs`` at once) until none is claimable."""
+    async def process_until_idle(self, max_runs: int | None = None, *, deadline: float | None = None) -> int:
+        """Execute runs (up to ``max_concurrent_runs`` at once) until none is claimable; how
+        many reached completed, failed or waiting.
+
+        ``deadline`` (seconds from now) bounds the call, for serverless invocations: no
+        claim starts after it, and a run still executing then is stopped and its lease
+        released at once, so the next invocation resumes it after its last completed step.
+        """
         if max_runs is not None and (not isinstance(max_runs, int) or max_runs < 0):
             raise ConfigurationError(f"max_runs must be a non-negative int or None, got {max_runs!r}")
+        until = None if deadline is None else anyio.current_time() + _positive("deadline", deadline)
         await self._ready()
         worker = self._get_worker()
-        done = 0
-        while max_runs is None or done < max_runs:
+        done = claimed = 0
+        while max_runs is None or claimed < max_runs:
+            if until is not None and anyio.current_time() >= until:
+                break
             limit = (
                 self._max_concurrent_runs
                 if max_runs is None
-                else min(self._max_concurrent_runs, max_runs - done)
+                else min(self._max_concurrent_runs, max_runs - claimed)
             )
-            processed = await worker.process(limit)
-            if not processed:
+            taken, ended = await worker.process(limit, deadline=until)
+            if not taken:
                 break
-            done += processed
+            claimed += taken
+            done += ended
         return done
 
     def _wake_worker(self) -> None:

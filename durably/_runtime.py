@@ -107,6 +107,7 @@ class Execution:
         self._scope: anyio.CancelScope | None = None
         self._finishing = False
         self.stop_reason: StopReason | None = None
+        self.ended: Literal["completed", "failed", "waiting"] | None = None  # what this execution stored
         self._seen_steps: set[str] = set()
         self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
@@ -205,6 +206,7 @@ class Execution:
             self.stop_reason = await self.why_lease_gone()
             await self._stopped()
             return
+        self.ended = "completed" if output is not None else "failed"
         if output is not None:
             self._on_finished(self.run_id, "completed", output, None)
             if self._bus.wants("run:complete"):
@@ -341,7 +343,7 @@ class Execution:
         if result.state == "lost":
             await self._lease_gone()
         if result.state == "waiting":
-            self.stop_reason = "waiting"
+            self.stop_reason = self.ended = "waiting"
             self._waiting_for = (request.waiting_for, result.wake_at)
             raise Suspend
         return result
