@@ -278,7 +278,7 @@ class Durably:
         await self._ready()
         now = _clock.to_datetime(_clock.now())
         assert now is not None
-        return await self._scheduler.trigger_due(now)
+        return await self._scheduler.trigger_due(now, self.storage.register_schedules)
 
     async def init(self) -> None:
         """``migrate()`` then ``start()``."""

@@ -194,6 +194,11 @@ class Storage(Protocol):
         lease expiry; ``None`` if nothing is due ever (runs waiting for a signal or children)."""
         ...
 
+    async def register_schedules(self, names: Sequence[str]) -> dict[str, float]:
+        """Record the first registration of each schedule (once per database, by its clock);
+        each name's first registration time in epoch seconds."""
+        ...
+
     async def get_run(self, run_id: str) -> Run | None:
         """The run with ``run_id``, or ``None``."""
         ...

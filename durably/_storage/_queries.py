@@ -296,3 +296,12 @@ THEN {NOW} ELSE NULLIF(MIN(
     COALESCE((SELECT MIN(lease_expires_at) FROM durably_runs
               WHERE status = 'leased' AND job_name IN (SELECT value FROM json_each(?1))), 1e18)), 1e18)
 END"""
+
+# A schedule's first registration on this database: written once, read by every host.
+REGISTER_SCHEDULES = f"""
+INSERT INTO durably_schedules (name, first_registered_at)
+SELECT value, {NOW} FROM json_each(?1) WHERE true
+ON CONFLICT (name) DO NOTHING"""
+SCHEDULES_REGISTERED = """
+SELECT name, first_registered_at FROM durably_schedules
+WHERE name IN (SELECT value FROM json_each(?1))"""

@@ -463,6 +463,13 @@ class SqlStorage:
             raise ConflictError(f"run {run_id} is {run.status}: an ended run takes no signals")
         return run
 
+    async def register_schedules(self, names: Sequence[str]) -> dict[str, float]:
+        encoded = _codec.encode(list(names)).decode()
+        _, rows = await self._driver.write(
+            [(q.REGISTER_SCHEDULES, (encoded,)), (q.SCHEDULES_REGISTERED, (encoded,))]
+        )
+        return {_text(name): float(at or 0) for name, at in rows}
+
     async def next_wake_at(self, job_names: Sequence[str]) -> float | None:
         rows = await self._driver.read(q.NEXT_WAKE_AT, (_codec.encode(list(job_names)).decode(),))
         return _float(rows[0][0]) if rows else None
