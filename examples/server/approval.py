@@ -27,7 +27,7 @@ async def expense(step: StepContext, payload: dict[str, Any]) -> str:
     try:
         decision = await step.wait_for_signal("approval", timeout=TIMEOUT, type=dict[str, Any])
     except TimeoutError:
-        return await step.run("escalate", lambda: "escalated: nobody answered")
+        return await step.run("escalate", lambda: "escalated: nobody answered", type=str)
     return f"approved by {decision['by']}" if decision["ok"] else f"rejected by {decision['by']}"
 
 

@@ -19,7 +19,7 @@ from lib.database import storage
 
 @define_job(name="count-words", input=str)
 async def count_words(step: StepContext, page: str) -> int:
-    return await step.run("count", lambda: len(page.split()))
+    return await step.run("count", lambda: len(page.split()), type=int)
 
 
 @define_job(name="book-stats", input=list[str])

@@ -23,7 +23,7 @@ from lib.durably import durably
 async def reminder(step: StepContext, payload: dict[str, Any]) -> str:
     await step.run("welcome", lambda: print(f"  welcome mail to {payload['email']}"))
     await step.sleep("wait-before-reminder", payload["seconds"])
-    return await step.run("remind", lambda: f"reminded {payload['email']}")
+    return await step.run("remind", lambda: f"reminded {payload['email']}", type=str)
 
 
 durably.register(reminder=reminder)

@@ -25,7 +25,7 @@ from durably import StepContext, create_durably, define_job
 async def digest(step: StepContext, payload: dict[str, Any]) -> str:
     items = await step.run("collect", lambda: [f"item-{i}" for i in range(payload.get("items", 3))])
     await step.sleep("cool-down", timedelta(seconds=payload.get("cool_down", 0.2)))
-    return await step.run("send", lambda: f"sent {len(items)} items to {payload['to']}")
+    return await step.run("send", lambda: f"sent {len(items)} items to {payload['to']}", type=str)
 
 
 def make_durably(url: str) -> Any:
