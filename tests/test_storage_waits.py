@@ -87,11 +87,11 @@ async def test_signals_are_kept_and_each_is_consumed_by_one_wait(storage: Storag
     await storage.send_signal(lease.run_id, "go", b'"first"')
     await storage.send_signal(lease.run_id, "go", b'"second"')
     first = await storage.wait(lease, _signal_wait(), NOTHING)
-    assert (first.state, first.output and decode(first.output)) == ("resolved", {"signal": "first"})
+    assert (first.state, decode(first.output or b"")["signal"]) == ("resolved", "first")
     # The same wait again (a replay) consumes nothing more.
-    assert decode((await storage.wait(lease, _signal_wait(), NOTHING)).output or b"") == {"signal": "first"}
+    assert decode((await storage.wait(lease, _signal_wait(), NOTHING)).output or b"")["signal"] == "first"
     second = await storage.wait(lease, _signal_wait("signal:go#2"), NOTHING)
-    assert decode(second.output or b"") == {"signal": "second"}
+    assert decode(second.output or b"")["signal"] == "second"
     third = await storage.wait(lease, _signal_wait("signal:go#3"), NOTHING)
     assert (third.state, third.wake_at) == ("waiting", None)
     await storage.send_signal(lease.run_id, "other", b"1")  # another name does not wake it
@@ -99,9 +99,24 @@ async def test_signals_are_kept_and_each_is_consumed_by_one_wait(storage: Storag
     await storage.send_signal(lease.run_id, "go", b'"third"')
     claimed = await _claim_one(storage)
     lease = Lease(claimed.run.id, claimed.lease_generation)
-    assert decode((await storage.wait(lease, _signal_wait("signal:go#3"), NOTHING)).output or b"") == {
-        "signal": "third"
-    }
+    third = await storage.wait(lease, _signal_wait("signal:go#3"), NOTHING)
+    assert decode(third.output or b"")["signal"] == "third"
+
+
+async def _signals_kept(storage: Storage) -> int:
+    [[(count,)]] = await storage._driver.write([("SELECT COUNT(*) FROM durably_signals", ())])  # type: ignore[attr-defined]
+    return int(count)
+
+
+async def test_consumed_signals_and_those_of_deleted_runs_are_not_kept(storage: Storage) -> None:
+    lease = await _leased(storage)
+    await storage.send_signal(lease.run_id, "go", b"1")
+    await storage.send_signal(lease.run_id, "go", b"2")
+    await storage.wait(lease, _signal_wait(), NOTHING)
+    assert await _signals_kept(storage) == 1  # the consumed one is gone, in the same write
+    assert await storage.complete_run(lease, b"1", NOTHING)
+    await storage.delete_run(lease.run_id)
+    assert await _signals_kept(storage) == 0
 
 
 async def test_a_signal_wait_times_out_on_the_database_clock(storage: Storage) -> None:

@@ -146,6 +146,9 @@ DELETE FROM durably_steps WHERE run_id = ?1
 DELETE_LOGS = f"""
 DELETE FROM durably_logs WHERE run_id = ?1
   AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
+DELETE_SIGNALS = f"""
+DELETE FROM durably_signals WHERE run_id = ?1 AND consumed_by IS NULL
+  AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
 DELETE_LABELS = f"""
 DELETE FROM durably_labels
 WHERE run_seq = (SELECT seq FROM durably_runs WHERE id = ? AND status IN {TERMINAL})"""
@@ -160,6 +163,9 @@ WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
 PURGE_LOGS = f"""
 DELETE FROM durably_logs
 WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
+PURGE_SIGNALS = f"""
+DELETE FROM durably_signals WHERE consumed_by IS NULL
+  AND run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
 PURGE_LABELS = f"DELETE FROM durably_labels WHERE run_seq IN ({_PURGE_VICTIMS})"
 PURGE_RUNS = f"DELETE FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}) RETURNING 1"
 
@@ -206,18 +212,19 @@ SELECT ?1, ?3, ?4, 'completed', CAST(COALESCE(?6, {NOW} + ?5) AS TEXT), {NOW}, {
 WHERE {_IS_HELD_12}
 ON CONFLICT (run_id, name) DO NOTHING"""
 
-# The oldest unconsumed signal of that name, consumed by this wait (?3 the step, ?4 the
-# signal name, ?5 the consumer: run id and step), unless the step is resolved already.
+# The oldest signal of that name (?4) becomes this wait's result (?3 the step, ?5 its
+# index), unless the step is resolved already; then the signal, named by the stored
+# result, is deleted: consumed once, and the table keeps only signals not yet consumed.
 CONSUME_SIGNAL = f"""
-UPDATE durably_signals SET consumed_by = ?5
-WHERE seq = (SELECT seq FROM durably_signals
-             WHERE run_id = ?1 AND name = ?4 AND consumed_by IS NULL ORDER BY seq LIMIT 1)
-  AND {_IS_HELD_12} AND NOT {_RESOLVED}"""
-STORE_SIGNAL = f"""
 INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
-SELECT ?1, ?3, ?6, 'completed', json_object('signal', json(payload)), {NOW}, {NOW}
-FROM durably_signals WHERE consumed_by = ?5
+SELECT ?1, ?3, ?5, 'completed', json_object('signal', json(payload), 'seq', seq), {NOW}, {NOW}
+FROM durably_signals
+WHERE run_id = ?1 AND name = ?4 AND consumed_by IS NULL AND {_IS_HELD_12}
+ORDER BY seq LIMIT 1
 ON CONFLICT (run_id, name) DO NOTHING"""
+DROP_SIGNAL = """
+DELETE FROM durably_signals
+WHERE seq = (SELECT output ->> '$.seq' FROM durably_steps WHERE run_id = ?1 AND name = ?2)"""
 
 # Children, found by their idempotency keys (?4: a JSON array; ?5 their job): once all
 # have ended, their outcomes as [id, status, output, error] in trigger order.
@@ -305,3 +312,6 @@ ON CONFLICT (name) DO NOTHING"""
 SCHEDULES_REGISTERED = """
 SELECT name, first_registered_at FROM durably_schedules
 WHERE name IN (SELECT value FROM json_each(?1))"""
+
+# A run parked under a given lease generation, with its wake time.
+PARKED_AS = "SELECT wake_at FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = 'waiting'"

@@ -445,8 +445,13 @@ class SqlStorage:
     async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
         logs = _log_statements(lease, telemetry)
         statements = _waits.wait_statements(lease, request, _progress_json(telemetry.progress))
-        results = await self._driver.write([*logs, *statements])
-        return _waits.wait_result(request, results)
+        result = _waits.wait_result(request, await self._driver.write([*logs, *statements]))
+        if result.state != "lost":
+            return result
+        # Perhaps an earlier send of this very write parked the run and the connection lost
+        # the answer (SPEC §15): only this lease's holder can park it under this generation.
+        [rows] = await self._driver.write([(q.PARKED_AS, (lease.run_id, lease.generation))])
+        return _waits.parked(rows) or result
 
     async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
         stored, _, current = await self._driver.write(
@@ -485,12 +490,13 @@ class SqlStorage:
             [
                 (q.DELETE_STEPS, (run_id,)),
                 (q.DELETE_LOGS, (run_id,)),
+                (q.DELETE_SIGNALS, (run_id,)),
                 (q.DELETE_LABELS, (run_id,)),
                 (q.DELETE_RUN, (run_id,)),
                 (q.SELECT_RUN_BY_ID, (run_id,)),
             ]
         )
-        deleted, remaining = results[3], results[4]
+        deleted, remaining = results[-2], results[-1]
         if deleted:
             return _run_from_row(deleted[0])
         if not remaining:
@@ -504,6 +510,7 @@ class SqlStorage:
             [
                 (q.PURGE_STEPS, params),
                 (q.PURGE_LOGS, params),
+                (q.PURGE_SIGNALS, params),
                 (q.PURGE_LABELS, params),
                 (q.PURGE_RUNS, params),
             ]

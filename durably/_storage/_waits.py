@@ -51,9 +51,8 @@ def _resolvers(lease: Lease, request: WaitRequest) -> list[Statement]:
     held = (*_held(lease), request.key)
     statements: list[Statement] = []
     if request.signal is not None:
-        consumer = f"{lease.run_id}/{request.key}"
-        statements.append((q.CONSUME_SIGNAL, (*held, request.signal, consumer)))
-        statements.append((q.STORE_SIGNAL, (*held, None, consumer, request.index)))
+        statements.append((q.CONSUME_SIGNAL, (*held, request.signal, request.index)))
+        statements.append((q.DROP_SIGNAL, (lease.run_id, request.key)))
     if request.children:
         keys, job = _children(request)
         statements.append((q.STORE_CHILDREN, (*held, keys, job, request.index)))
@@ -93,9 +92,9 @@ def wait_statements(lease: Lease, request: WaitRequest, progress: str | None) ->
 def wait_result(request: WaitRequest, results: list[list[Row]]) -> WaitResult:
     """What the wait's write did, from the rows of its last three statements."""
     suspended, held, resolution = results[-3:]
-    if suspended:
-        wake_at = suspended[0][0]
-        return WaitResult("waiting", wake_at=None if wake_at is None else float(wake_at))
+    waiting = parked(suspended)
+    if waiting is not None:
+        return waiting
     if not held:
         return WaitResult("lost")
     sleep = request.signal is None and not request.children
@@ -103,3 +102,11 @@ def wait_result(request: WaitRequest, results: list[list[Row]]) -> WaitResult:
         return WaitResult("resolved")
     value = resolution[0][0]
     return WaitResult("resolved", output=value if isinstance(value, bytes) else str(value).encode())
+
+
+def parked(rows: list[Row]) -> WaitResult | None:
+    """A ``"waiting"`` result if ``PARKED_AS`` found the run parked, else ``None``."""
+    if not rows:
+        return None
+    wake_at = rows[0][0]
+    return WaitResult("waiting", wake_at=None if wake_at is None else float(wake_at))
