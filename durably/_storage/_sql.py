@@ -444,14 +444,7 @@ class SqlStorage:
 
     async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
         logs = _log_statements(lease, telemetry)
-        statements = _waits.wait_statements(lease, request, _progress_json(telemetry.progress))
-        result = _waits.wait_result(request, await self._driver.write([*logs, *statements]))
-        if result.state != "lost":
-            return result
-        # Perhaps an earlier send of this very write parked the run and the connection lost
-        # the answer (SPEC §15): only this lease's holder can park it under this generation.
-        [rows] = await self._driver.write([(q.PARKED_AS, (lease.run_id, lease.generation))])
-        return _waits.parked(rows) or result
+        return await _waits.wait(self._driver, lease, request, logs, _progress_json(telemetry.progress))
 
     async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
         stored, _, current = await self._driver.write(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from durably import _codec
 from durably._models import NewRun
 from durably._storage import _queries as q
-from durably._storage._driver import Row, Statement
+from durably._storage._driver import Driver, Row, Statement
 from durably._storage._protocol import Lease, WaitRequest, WaitResult
 
 
@@ -110,3 +110,16 @@ def parked(rows: list[Row]) -> WaitResult | None:
         return None
     wake_at = rows[0][0]
     return WaitResult("waiting", wake_at=None if wake_at is None else float(wake_at))
+
+
+async def wait(
+    driver: Driver, lease: Lease, request: WaitRequest, logs: list[Statement], progress: str | None
+) -> WaitResult:
+    """``Storage.wait``: the logs, then the wait's statements, in one atomic write."""
+    result = wait_result(request, await driver.write([*logs, *wait_statements(lease, request, progress)]))
+    if result.state != "lost":
+        return result
+    # Perhaps an earlier send of this very write parked the run and the connection lost
+    # the answer (SPEC §15): only this lease's holder can park it under this generation.
+    [rows] = await driver.write([(q.PARKED_AS, (lease.run_id, lease.generation))])
+    return parked(rows) or result
