@@ -43,13 +43,14 @@ async def test_sleeping_runs_survive_worker_kills_and_an_sqld_restart(
         await hosts.go()
         await hosts.started(HOSTS)
         waiting_at_faults = len(await durably.get_runs(status="waiting", limit=RUNS))
+        # The server first: a host started while it is down cannot migrate and exits.
+        await to_thread.run_sync(sqld.kill)
+        await anyio.sleep(0.3)
+        await to_thread.run_sync(sqld.start)  # the same data directory and port
         for i in range(KILLS):
             await anyio.sleep(rng.uniform(0.1, 0.4))
             await hosts.kill(rng.choice(hosts.hosts))
             await hosts.spawn(f"r{i}", concurrency=CONCURRENCY)
-        await to_thread.run_sync(sqld.kill)
-        await anyio.sleep(0.3)
-        await to_thread.run_sync(sqld.start)  # the same data directory and port
 
         async def drained() -> bool:
             return await _unfinished(durably) == 0
