@@ -47,8 +47,12 @@ def _error(response: httpx.Response, status: int, kind: str) -> str:
 
 async def test_jobs_come_with_the_json_schema_of_their_input(client: httpx.AsyncClient) -> None:
     jobs = (await client.get("/api/jobs")).json()["jobs"]
-    assert [(job["name"], job["handle"]) for job in jobs] == [("count", "count"), ("greet", "greet")]
-    schema = jobs[1]["input_schema"]
+    assert [(job["name"], job["handle"]) for job in jobs] == [
+        ("approve", "approve"),
+        ("count", "count"),
+        ("greet", "greet"),
+    ]
+    schema = jobs[2]["input_schema"]
     greet_in = schema["$defs"]["GreetIn"]
     assert greet_in["required"] == ["name"]
     assert greet_in["properties"]["times"] == {"type": "integer", "default": 1}
