@@ -188,10 +188,13 @@ def test_trigger_wait_exits_1_with_the_error_when_the_run_fails(cli: Cli) -> Non
 
 
 def test_trigger_delay_and_priority(cli: Cli) -> None:
-    cli.trigger("echo", "{}", "--delay", "3600", "--priority", "7")
+    run_id = cli.trigger("echo", "{}", "--delay", "3600", "--priority", "7")
     [run] = cli.runs()
     assert (run["status"], run["priority"]) == ("pending", 7)
     assert run["wake_at"] is not None
+    text = cli.ok("show", "--db", cli.url, run_id)
+    assert "priority:  7" in text and "wakes:" in text
+    assert cli.runs("--status", "waiting") == []  # a known status
 
 
 @pytest.mark.parametrize(
