@@ -185,7 +185,7 @@ def print_time(figures: dict[str, float], parked: int) -> None:
     print(
         f"Round trips (remote): {figures['requests per run (plain)']:.2f} per 1-step run,"
         f" {figures['requests per run (sleeper)']:.2f} per 1-step run that sleeps once"
-        " (the wait write, then the wake-up: a claim and its resumed steps' read)"
+        " (the wait's write and the wake-up's claim)"
     )
 
 

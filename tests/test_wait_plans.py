@@ -1,4 +1,5 @@
-"""The statements of waits, signals and child runs find their rows through indexes: a table
+"""The statements of waits, signals and child runs (and the resumed steps read with each
+claim) find their rows through indexes: a table
 of parked runs or kept signals is never scanned (EXPLAIN QUERY PLAN on a migrated file)."""
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ STATEMENTS = (
     "DELETE_SIGNALS",
     "PURGE_SIGNALS",
     "PARKED_AS",
+    "COMPLETED_STEPS",
+    "LOG_COUNTS",
 )
 
 

@@ -78,17 +78,22 @@ WHERE seq IN (
     LIMIT ?4)
 RETURNING {RUN_COLUMNS}, lease_generation"""
 
-# The completed steps of resumed runs, given as a JSON array of ids. (A subquery in the
-# claim's RETURNING would save a statement, but SQLite cannot use an index there.)
-COMPLETED_STEPS = """
+# The resumed runs (claimed before) of one claim, named by its one-off lease owner (?1):
+# found among the few leased runs (durably_runs_status), in the claim's own request.
+_RESUMED_BY = """SELECT id FROM durably_runs
+    WHERE status = 'leased' AND lease_owner = ?1 AND lease_generation > 1"""
+
+# The completed steps of the claim's resumed runs. (A subquery in the claim's RETURNING
+# would save a statement, but SQLite cannot use an index there.)
+COMPLETED_STEPS = f"""
 SELECT run_id, name, idx, output FROM durably_steps
-WHERE status = 'completed' AND run_id IN (SELECT value FROM json_each(?))"""
+WHERE status = 'completed' AND run_id IN ({_RESUMED_BY})"""
 
 # How many log lines each resumed run has stored, per step (NULL: the job body), read in
 # the same request as its steps: the replayed body does not store them again.
-LOG_COUNTS = """
+LOG_COUNTS = f"""
 SELECT run_id, step_name, COUNT(*) FROM durably_logs
-WHERE run_id IN (SELECT value FROM json_each(?)) GROUP BY run_id, step_name"""
+WHERE run_id IN ({_RESUMED_BY}) GROUP BY run_id, step_name"""
 
 RENEW_LEASES = f"""
 UPDATE durably_runs SET lease_expires_at = {NOW} + ?1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -284,20 +285,17 @@ class SqlStorage:
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedRun]:
-        params = (worker_id, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
-        [runs] = await self._driver.write([(q.CLAIM_RUNS, params)])
-        # Only a run claimed before (generation > 1) can have stored steps. They are read
-        # from the primary (a replica may not have synced them yet), and after the claim:
+        # A one-off lease owner names this claim's runs, so their stored steps and log counts
+        # are read in the claim's own request (on the primary: a replica may lag), after it:
         # no one else can write steps for a run whose lease this worker now holds.
-        resumed_ids = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
+        owner = f"{worker_id}/{secrets.token_hex(6)}"
+        params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        runs, steps, log_counts = await self._driver.write(
+            [(q.CLAIM_RUNS, params), (q.COMPLETED_STEPS, (owner,)), (q.LOG_COUNTS, (owner,))]
+        )
         resumed = _Resumed()
-        if resumed_ids:
-            ids = _codec.encode(resumed_ids).decode()
-            steps, log_counts = await self._driver.write(
-                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,))]
-            )
-            resumed.add_steps(steps)
-            resumed.add_log_counts(log_counts)
+        resumed.add_steps(steps)
+        resumed.add_log_counts(log_counts)
         claimed = [_claimed(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
