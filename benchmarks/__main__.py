@@ -138,6 +138,9 @@ def main() -> None:
         f"\nWrite-ahead log (local): peak {wal['wal_peak_mb']:.1f} MB while draining {wal_runs:,} W3 runs"
         f" with process_until_idle() (database {wal['db_mb']:.1f} MB)"
     )
+    parked = 10_000 if options.quick else 100_000
+    timing = _run_module("benchmarks._time", ["--root", str(root / "time"), "--parked", str(parked)])
+    print_time(timing, parked)
     print(f"\n({time.perf_counter() - started:.0f} s; machine: {_machine()})")
 
 
@@ -187,6 +190,20 @@ def print_table(
     print(
         f"- W3 c=1 remote vs Node durably over HTTP to sqld ({NODE_SQLD_W3:.0f}):"
         f" {remote / NODE_SQLD_W3:.1f}x"
+    )
+
+
+def print_time(figures: dict[str, float], parked: int) -> None:
+    """The costs of durable time (benchmarks/_time.py)."""
+    print(
+        f"\nDurable time (local): a claim takes {figures['claim_ms_parked']:.3f} ms with {parked:,} runs"
+        f" delayed or waiting, {figures['claim_ms_none_parked']:.3f} ms with none"
+        f" ({figures['ratio']:.0%})"
+    )
+    print(
+        f"Round trips (remote): {figures['requests per run (plain)']:.2f} per 1-step run,"
+        f" {figures['requests per run (sleeper)']:.2f} per 1-step run that sleeps once"
+        " (the wait's write and the wake-up's claim)"
     )
 
 

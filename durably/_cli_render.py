@@ -106,6 +106,10 @@ def run_details(run: Run, steps: Sequence[Step], logs: Sequence[LogEntry]) -> st
         "labels": as_json(run.labels) if run.labels else None,
         "idempotency key": run.idempotency_key,
         "concurrency key": run.concurrency_key,
+        "waiting for": run.waiting_for,
+        "wakes": when(run.wake_at) if run.wake_at else None,
+        "priority": str(run.priority) if run.priority else None,
+        "parent": run.parent_run_id,
     }
     fields += [(key, value) for key, value in optional.items() if value]
     width = max(len(key) for key, _ in fields) + 1

@@ -281,7 +281,7 @@ class Durably:
         await self._ready()
         now = _clock.to_datetime(_clock.now())
         assert now is not None
-        return await self._scheduler.trigger_due(now)
+        return await self._scheduler.trigger_due(now, self.storage.register_schedules)
 
     async def init(self) -> None:
         """``migrate()`` then ``start()``."""
@@ -332,25 +332,36 @@ class Durably:
     async def process_one(self) -> bool:
         """Claim and execute at most one run; whether there was one."""
         await self._ready()
-        return await self._get_worker().process(1) > 0
+        claimed, _ = await self._get_worker().process(1)
+        return claimed > 0
 
-    async def process_until_idle(self, max_runs: int | None = None) -> int:
-        """Execute runs (up to ``max_concurrent_runs`` at once) until none is claimable."""
+    async def process_until_idle(self, max_runs: int | None = None, *, deadline: float | None = None) -> int:
+        """Execute runs (up to ``max_concurrent_runs`` at once) until none is claimable; how
+        many reached completed, failed or waiting.
+
+        ``deadline`` (seconds from now) bounds the call, for serverless invocations: no
+        claim starts after it, and a run still executing then is stopped and its lease
+        released at once, so the next invocation resumes it after its last completed step.
+        """
         if max_runs is not None and (not isinstance(max_runs, int) or max_runs < 0):
             raise ConfigurationError(f"max_runs must be a non-negative int or None, got {max_runs!r}")
+        until = None if deadline is None else anyio.current_time() + _positive("deadline", deadline)
         await self._ready()
         worker = self._get_worker()
-        done = 0
-        while max_runs is None or done < max_runs:
+        done = claimed = 0
+        while max_runs is None or claimed < max_runs:
+            if until is not None and anyio.current_time() >= until:
+                break
             limit = (
                 self._max_concurrent_runs
                 if max_runs is None
-                else min(self._max_concurrent_runs, max_runs - done)
+                else min(self._max_concurrent_runs, max_runs - claimed)
             )
-            processed = await worker.process(limit)
-            if not processed:
+            taken, ended = await worker.process(limit, deadline=until)
+            if not taken:
                 break
-            done += processed
+            claimed += taken
+            done += ended
         return done
 
     def _wake_worker(self) -> None:
@@ -402,8 +413,27 @@ class Durably:
         return await self._runs.retrigger(run_id)
 
     async def cancel(self, run_id: str) -> Run:
-        """Cancel a pending or leased run; the worker executing it stops within a heartbeat."""
+        """Cancel a pending, leased or waiting run (and its unfinished children); a worker
+        executing it stops within a heartbeat."""
         return await self._runs.cancel(run_id)
+
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Deliver a signal to a run's ``step.wait_for_signal(name)``; kept until one consumes it.
+
+        ``NotFoundError`` for an unknown run, ``ConflictError`` for an ended one.
+        """
+        await self._runs.signal(run_id, name, payload)
+
+    async def next_wake_at(self) -> datetime | None:
+        """The earliest moment a run of a registered job (or a schedule) is due; now if one is
+        claimable; ``None`` if nothing ever becomes due by time."""
+        runs = await self._runs.next_wake_at()
+        now = _clock.to_datetime(_clock.now())
+        assert now is not None
+        until_tick = self._scheduler.seconds_until_next(now)
+        tick = None if until_tick is None else now + timedelta(seconds=until_tick)
+        candidates = [when for when in (runs, tick) if when is not None]
+        return min(candidates) if candidates else None
 
     async def delete_run(self, run_id: str) -> None:
         """Delete an ended run with its steps and logs."""

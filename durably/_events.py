@@ -79,6 +79,22 @@ class RunRetryEvent(Event, kw_only=True):
     next_attempt_at: datetime | None = None
 
 
+class RunWaitEvent(Event, kw_only=True):
+    type: Literal["run:wait"] = "run:wait"
+    run_id: str
+    job_name: str
+    waiting_for: str
+    wake_at: datetime | None
+    labels: dict[str, str]
+
+
+class RunSignalEvent(Event, kw_only=True):
+    type: Literal["run:signal"] = "run:signal"
+    run_id: str
+    job_name: str
+    name: str
+
+
 class RunDeleteEvent(Event, kw_only=True):
     type: Literal["run:delete"] = "run:delete"
     run_id: str
@@ -159,6 +175,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RunFailEvent,
         RunCancelEvent,
         RunRetryEvent,
+        RunWaitEvent,
+        RunSignalEvent,
         RunDeleteEvent,
         RunProgressEvent,
         StepStartEvent,

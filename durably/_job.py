@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from durably._models import LogEntry, Progress, Run, RunResult
@@ -178,6 +179,9 @@ class RunStarter(Protocol):
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
         labels: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
     ) -> list[Run]: ...
 
     async def result(
@@ -209,14 +213,24 @@ class JobHandle(Generic[InputT, OutputT]):
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
         labels: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
     ) -> Run:
-        """Validate ``payload`` and write a new ``pending`` run (or return the idempotent one)."""
+        """Validate ``payload`` and write a new ``pending`` run (or return the idempotent one).
+
+        ``delay`` (seconds or timedelta) or ``run_at`` (aware datetime): not claimed before
+        then, by the database clock. ``priority``: higher is claimed first.
+        """
         [run] = await self._runs.trigger(
             self.definition,
             [payload],
             idempotency_key=idempotency_key,
             concurrency_key=concurrency_key,
             labels=labels,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
         )
         return run
 
@@ -225,11 +239,16 @@ class JobHandle(Generic[InputT, OutputT]):
         payloads: Sequence[InputT | JSONData],
         *,
         labels: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
     ) -> list[Run]:
         """Validate every payload, then write them all atomically in one round trip."""
         if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, Sequence):
             raise ConfigurationError("batch_trigger() takes a list of payloads")
-        return await self._runs.trigger(self.definition, list(payloads), labels=labels)
+        return await self._runs.trigger(
+            self.definition, list(payloads), labels=labels, delay=delay, run_at=run_at, priority=priority
+        )
 
     async def trigger_and_wait(
         self,
@@ -241,6 +260,9 @@ class JobHandle(Generic[InputT, OutputT]):
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
         labels: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
     ) -> RunResult[OutputT]:
         """Trigger a run and wait until it ends, wherever it executes.
 
@@ -253,6 +275,9 @@ class JobHandle(Generic[InputT, OutputT]):
             idempotency_key=idempotency_key,
             concurrency_key=concurrency_key,
             labels=labels,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
         )
         return await self._runs.result(
             self.definition, run, timeout=timeout, on_progress=on_progress, on_log=on_log

@@ -14,10 +14,18 @@ from typing import Any
 import msgspec
 
 from durably import _clock, _codec, _ids, _otel
-from durably._events import EventBus, RunCancelEvent, RunDeleteEvent, RunRetryEvent, RunTriggerEvent
+from durably._events import (
+    EventBus,
+    RunCancelEvent,
+    RunDeleteEvent,
+    RunRetryEvent,
+    RunSignalEvent,
+    RunTriggerEvent,
+)
 from durably._job import JobDefinition
 from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
 from durably._storage._protocol import RunFilter, Storage
+from durably._triggering import check_labels, check_text, new_runs
 from durably._waiting import Outcome, Waiters, check_timeout
 from durably.errors import (
     NotFoundError,
@@ -27,19 +35,6 @@ from durably.errors import (
 )
 
 _STATUSES = ("pending", "leased", "waiting", "completed", "failed", "cancelled")
-
-
-def _text(name: str, value: Any, *, empty: bool = True) -> str:
-    """A string argument that SQLite can store: valid Unicode (no lone surrogates)."""
-    if not isinstance(value, str) or (not empty and not value):
-        kind = "a string" if empty else "a non-empty string"
-        raise ValidationError(f"{name} must be {kind}, got {value!r}")
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValidationError(f"{name} is not valid Unicode (a lone surrogate): {value!r}") from None
-    return value
 
 
 def _as_tuple(
@@ -54,29 +49,14 @@ def _as_tuple(
     else:
         raise ValidationError(f"{name} must be a string or a list of strings, got {value!r}")
     for item in values:
-        _text(name, item)
+        check_text(name, item)
         if allowed is not None and item not in allowed:
             raise ValidationError(f"{name} must be one of {', '.join(allowed)}, got {item!r}")
     return values
 
 
-def _check_labels(labels: Any) -> dict[str, str]:
-    if labels is None:
-        return {}
-    if not isinstance(labels, dict):
-        raise ValidationError(f"labels must be a dict of str to str, got {labels!r}")
-    for key, value in labels.items():
-        _text("labels: a key", key)
-        _text(f"labels[{key!r}]", value)
-    return labels
-
-
-def _check_key(name: str, key: Any) -> str | None:
-    return None if key is None else _text(name, key, empty=False)
-
-
 def _check_run_id(run_id: Any) -> str:
-    return _text("run_id", run_id)
+    return check_text("run_id", run_id)
 
 
 _INT64_MAX = 2**63 - 1
@@ -139,27 +119,26 @@ class Runs:
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
         labels: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: int = 0,
     ) -> list[Run]:
-        """Validate every payload, then write the runs atomically; announce the new ones."""
-        labels = _check_labels(labels)
-        new_runs = [
-            NewRun(
-                id=_ids.new_run_id(),
-                job_name=definition.name,
-                input=_codec.canonical(
-                    payload, definition.input_type, what=f"input of job {definition.name!r}"
-                ),
-                labels=labels,
-                idempotency_key=_check_key("idempotency_key", idempotency_key),
-                concurrency_key=_check_key("concurrency_key", concurrency_key),
-            )
-            for payload in payloads
-        ]
-        if not new_runs:
+        """Validate every payload and option, then write the runs atomically; announce the new ones."""
+        rows = new_runs(
+            definition,
+            payloads,
+            idempotency_keys=[idempotency_key] * len(payloads),
+            concurrency_key=concurrency_key,
+            labels=labels,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+        )
+        if not rows:
             return []
         await self._ready()
-        with self._otel.trigger(definition.name, new_runs):
-            runs = await self._storage.create_runs(new_runs)
+        with self._otel.trigger(definition.name, rows):
+            runs = await self._storage.create_runs(rows)
         self._announce(runs)
         return runs
 
@@ -234,7 +213,7 @@ class Runs:
         run_filter = RunFilter(
             statuses=_as_tuple("status", status, _STATUSES),
             job_names=_as_tuple("job_name", job_name),
-            labels=_check_labels(labels),
+            labels=check_labels(labels),
             limit=_check_count("limit", limit, minimum=1),
             offset=_check_count("offset", offset, minimum=0),
         )
@@ -290,6 +269,23 @@ class Runs:
             self._bus.emit(RunCancelEvent, run_id=run.id, job_name=run.job_name, labels=run.labels)
             self.finished(run_id, "cancelled", None, None)
         return run
+
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Deliver a signal: kept until a ``wait_for_signal(name)`` of the run consumes it."""
+        _check_run_id(run_id)
+        check_text("signal name", name, empty=False)
+        data = _codec.canonical(payload, Any, what=f"the payload of signal {name!r}")
+        await self._ready()
+        run = await self._storage.send_signal(run_id, name, data)
+        self._bus.emit(RunSignalEvent, run_id=run.id, job_name=run.job_name, name=name)
+        if run.status == "waiting" and run.job_name in self._definitions:
+            self._on_new_work()
+
+    async def next_wake_at(self) -> datetime | None:
+        """When a run of the registered jobs is next claimable (now if one is), by the database clock."""
+        await self._ready()
+        when = await self._storage.next_wake_at(list(self._definitions))
+        return _clock.to_datetime(when)
 
     async def delete_run(self, run_id: str) -> None:
         _check_run_id(run_id)

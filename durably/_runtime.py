@@ -27,6 +27,7 @@ from durably._events import (
     RunProgressEvent,
     RunRetryEvent,
     RunStartEvent,
+    RunWaitEvent,
     StepCompleteEvent,
     StepFailEvent,
     StepSkipEvent,
@@ -36,7 +37,8 @@ from durably._events import (
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
 from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
-from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry
+from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
+from durably._waits import Suspend
 from durably.errors import LeaseLostError, StorageError, ValidationError
 
 if TYPE_CHECKING:
@@ -50,8 +52,11 @@ _current_step: ContextVar[str | None] = ContextVar("durably_current_step", defau
 _TELEMETRY_PERIOD = 1.0
 _NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
-# "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12).
-StopReason = Literal["cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost", "postponed"]
+# "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12);
+# "waiting": the run waits (a sleep, a signal, its children) and holds no lease.
+StopReason = Literal[
+    "cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost", "postponed", "waiting"
+]
 # The end of a job body: (output JSON, error, failed step, the exception behind the error).
 Outcome = tuple[bytes | None, str | None, str | None, Exception | None]
 Finished = Callable[[str, str, bytes | None, str | None], None]
@@ -115,7 +120,9 @@ class Execution:
         self._scope: anyio.CancelScope | None = None
         self._finishing = False
         self.stop_reason: StopReason | None = None
+        self.ended: Literal["completed", "failed", "waiting"] | None = None  # what this execution stored
         self._seen_steps: set[str] = set()
+        self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
         self._telemetry = Telemetry()
@@ -160,8 +167,9 @@ class Execution:
             else:
                 await self._finish(outcome, duration=time.perf_counter() - started)
 
-    async def _run_job(self) -> Outcome:
-        """(output JSON, None, None, None) on success; (None, error, failed step, exc) on failure."""
+    async def _run_job(self) -> Outcome | None:
+        """(output JSON, None, None, None) on success; (None, error, failed step, exc) on failure;
+        None when the run now waits (its state is stored already)."""
         if self._undecodable is not None:
             # A row this worker cannot read fails its run, reported; the worker goes on.
             error = ValidationError(self._undecodable)
@@ -176,6 +184,8 @@ class Execution:
             output = _codec.canonical(
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
+        except Suspend:
+            return None
         except Exception as exc:
             return None, describe(exc), self._failed_step(exc), exc
         return output, None, None, None
@@ -221,6 +231,7 @@ class Execution:
             self.stop_reason = await self.why_lease_gone()
             await self._stopped()
             return
+        self.ended = "completed" if output is not None else "failed"
         if output is not None:
             self._on_finished(self.run_id, "completed", output, None)
             if self._bus.wants("run:complete"):
@@ -240,6 +251,9 @@ class Execution:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
             self._on_finished(self.run_id, "cancelled", None, None)
+        elif reason == "waiting":
+            waiting_for, wake_at = self._waiting_for
+            self._emit(RunWaitEvent, waiting_for=waiting_for, wake_at=_clock.to_datetime(wake_at))
         elif reason in ("lease_lost", "finished_elsewhere", "storage_lost"):
             self._report(self._lease_lost_error(reason), "run execution")
 
@@ -321,17 +335,9 @@ class Execution:
         retries: RetryPolicy | None = None,
         timeout: float | None = None,
     ) -> Any:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"step name must be a non-empty string, got {name!r}")
-        if name in self._seen_steps:
-            raise ValueError(f"step name {name!r} is used twice in run {self.run_id}; names must be unique")
         if not callable(fn):
             raise TypeError(f"step {name!r}: {fn!r} is not callable")
-        self._seen_steps.add(name)
-        index = self._next_index
-        self._next_index += 1
-        if self.stop_reason is not None:
-            await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
+        index = await self.begin_step(name)
         stored = self._stored_steps.get(name)
         if stored is not None:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
@@ -343,6 +349,40 @@ class Execution:
             return await self._execute_step(
                 name, index, partial(call_step_function, fn, args, kwargs), type_, attempts
             )
+
+    async def begin_step(self, name: str) -> int:
+        """Check and reserve a step name; its index. No step starts once the run is stopping."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"step name must be a non-empty string, got {name!r}")
+        if name in self._seen_steps:
+            raise ValueError(f"step name {name!r} is used twice in run {self.run_id}; names must be unique")
+        self._seen_steps.add(name)
+        index = self._next_index
+        self._next_index += 1
+        if self.stop_reason is not None:
+            await anyio.lowlevel.checkpoint()  # raises the pending cancellation: no step starts
+        return index
+
+    def stored_step(self, name: str) -> bytes | None:
+        """The stored result of a completed step (JSON), if any."""
+        stored = self._stored_steps.get(name)
+        return None if stored is None else stored[1]
+
+    async def wait(self, request: WaitRequest) -> WaitResult:
+        """Resolve a wait or make the run wait, in one fenced write (SPEC §12).
+
+        When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
+        """
+        self._end_replay()
+        telemetry = self._take_telemetry()
+        result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
+        if result.state == "lost":
+            await self._lease_gone()
+        if result.state == "waiting":
+            self.stop_reason = self.ended = "waiting"
+            self._waiting_for = (request.waiting_for, result.wake_at)
+            raise Suspend
+        return result
 
     def _end_replay(self) -> None:
         """The body reached code that never ran (a new step, or its end): progress flows again.

@@ -14,7 +14,7 @@ zone and mapped to UTC instants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,6 +82,7 @@ class _Schedule:
     handle: JobHandle[Any, Any]
     payload: bytes
     last_tick: datetime | None = None
+    first_registered: datetime | None = None  # on the database; no tick before it fires
 
     def instants(self, wall: datetime) -> tuple[datetime, ...]:
         """The UTC instants at which the naive wall-clock tick ``wall`` fires."""
@@ -175,17 +176,28 @@ class Scheduler:
             name=name, cron=expression, zone=zone, every_hour=every_hour, handle=handle, payload=data
         )
 
-    async def trigger_due(self, now: datetime) -> int:
+    async def trigger_due(
+        self, now: datetime, register: Callable[[Sequence[str]], Awaitable[dict[str, float]]] | None = None
+    ) -> int:
         """Trigger the latest tick ``<= now`` of every schedule; how many runs were created.
 
-        Earlier missed ticks are not replayed. A tick already triggered (here or on
-        any other host) creates nothing: its idempotency key is taken.
+        Earlier missed ticks are not replayed, nor ticks from before a schedule's first
+        registration on the database (``register`` stores and returns it, once per
+        schedule and process; without it, as in tests of tick arithmetic, none is
+        consulted). A tick already triggered (here or on any other host)
+        creates nothing: its idempotency key is taken.
         """
         now = now.astimezone(UTC)
+        unknown = [s.name for s in self._schedules.values() if s.first_registered is None]
+        if unknown and register is not None:
+            for name, at in (await register(unknown)).items():
+                self._schedules[name].first_registered = datetime.fromtimestamp(at, UTC)
         created = 0
         for schedule in self._schedules.values():
             tick = schedule.latest_tick(now)
             if tick is None or tick == schedule.last_tick:
+                continue
+            if schedule.first_registered is not None and tick < schedule.first_registered:
                 continue
             key = f"schedule:{schedule.name}:{tick.strftime('%Y-%m-%dT%H:%M:%SZ')}"
             run = await schedule.handle.trigger(_codec.decode(schedule.payload), idempotency_key=key)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from functools import partial
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 from durably import _codec, _threads
 from durably._models import LogLevel, Progress
 from durably._retry import RetryPolicy, check_policy, check_timeout
+from durably._waits import ChildJob, Waits
 
 if TYPE_CHECKING:
     from typing import _SpecialForm
 
+    from durably._storage._protocol import WaitRequest, WaitResult
+
 T = TypeVar("T")
+OutT = TypeVar("OutT")
 
 
 class _Run(Protocol):
@@ -41,6 +45,12 @@ class _Run(Protocol):
     def progress(self, current: float, total: float | None, message: str | None) -> None: ...
 
     def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None: ...
+
+    async def begin_step(self, name: str) -> int: ...
+
+    def stored_step(self, name: str) -> bytes | None: ...
+
+    async def wait(self, request: WaitRequest) -> WaitResult: ...
 
 
 class StepLog:
@@ -69,6 +79,7 @@ class StepContext:
         #: The run's attempt number: 1, then one more per retry, manual or automatic.
         self.attempt = execution.attempt
         self.log = StepLog(execution)
+        self._waits = Waits(execution)
 
     @overload
     async def run(
@@ -135,6 +146,39 @@ class StepContext:
     def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: emitted at once, stored within a second (the last value always lands)."""
         self._execution.progress(current, total, message)
+
+    async def sleep(self, name: str, duration: float | timedelta) -> None:
+        """A durable timer: the run waits ``duration`` (database clock) holding no slot."""
+        await self._waits.sleep(name, duration)
+
+    async def sleep_until(self, name: str, when: datetime) -> None:
+        """A durable timer until ``when`` (a timezone-aware datetime)."""
+        await self._waits.sleep_until(name, when)
+
+    async def wait_for_signal(
+        self, name: str, *, timeout: float | timedelta | None = None, type: Any = None
+    ) -> Any:
+        """Wait for ``durably.signal(run_id, name, payload)``; its payload (converted to ``type``).
+
+        A signal sent earlier is kept for this wait. ``timeout`` (durable too) raises
+        ``TimeoutError`` here, which the job may catch.
+        """
+        return await self._waits.wait_for_signal(name, timeout=timeout, type_=type)
+
+    async def run_job(self, name: str, handle: ChildJob[OutT], payload: Any, **options: Any) -> OutT:
+        """Trigger a child run exactly once and wait for its output without holding a slot.
+
+        ``options``: ``trigger()``'s ``concurrency_key``, ``labels``, ``delay``, ``run_at``,
+        ``priority``. A failed or cancelled child raises ``RunFailedError``/``RunCancelledError``.
+        """
+        [output] = await self._waits.run_jobs(name, handle, [payload], options)
+        return output  # type: ignore[no-any-return]
+
+    async def run_jobs(
+        self, name: str, handle: ChildJob[OutT], payloads: Sequence[Any], **options: Any
+    ) -> list[OutT]:
+        """Trigger one child run per payload in one write; their outputs once all have ended."""
+        return await self._waits.run_jobs(name, handle, payloads, options)
 
 
 def encode_result(name: str, value: Any, type_: Any) -> bytes:

@@ -196,18 +196,30 @@ class Worker:
                 del self._active[execution.run_id]
             self._wake.set()
 
-    async def process(self, limit: int) -> int:
-        """Claim up to ``limit`` runs, execute them with lease renewal, return how many."""
+    async def process(self, limit: int, *, deadline: float | None = None) -> tuple[int, int]:
+        """Claim up to ``limit`` runs, execute them with lease renewal; how many were claimed,
+        and how many reached completed, failed or waiting. At ``deadline`` (monotonic) the
+        runs still executing are stopped and their leases released."""
         claimed = await self.claim(limit)
+        executions: list[Execution] = []
         if claimed:
             async with anyio.create_task_group() as task_group:
-                heartbeat = anyio.CancelScope()
+                heartbeat, stopper = anyio.CancelScope(), anyio.CancelScope()
                 task_group.start_soon(self._heartbeat_forever, heartbeat)
+                if deadline is not None:
+                    task_group.start_soon(self._stop_at, deadline, executions, stopper)
                 async with anyio.create_task_group() as runs:
-                    for run in claimed:
-                        self._start(runs, run)
+                    executions.extend(self._start(runs, run) for run in claimed)
                 heartbeat.cancel()
-        return len(claimed)
+                stopper.cancel()
+        return len(claimed), sum(execution.ended is not None for execution in executions)
+
+    async def _stop_at(self, deadline: float, executions: list[Execution], scope: anyio.CancelScope) -> None:
+        """At ``deadline``, stop ``executions``: each releases its lease (one bounded write)."""
+        with scope:
+            await anyio.sleep(max(0.0, deadline - anyio.current_time()))
+            for execution in executions:
+                execution.stop("shutdown")
 
     # --- leases -------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from durably.errors import ConfigurationError, DurablyError, NotFoundError, Vali
 _PROG = "durably"
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+_STATUSES = ("pending", "leased", "waiting", "completed", "failed", "cancelled")
 
 
 class UsageError(Exception):
@@ -131,6 +131,10 @@ def _add_job_commands(commands: _Commands) -> None:
     trigger.add_argument("--wait", action="store_true", help="execute it here and print its output")
     trigger.add_argument("--idempotency-key", metavar="KEY")
     trigger.add_argument("--concurrency-key", metavar="KEY")
+    trigger.add_argument(
+        "--delay", type=float, metavar="SECONDS", help="not claimed before this many seconds"
+    )
+    trigger.add_argument("--priority", type=int, default=0, metavar="N", help="higher is claimed first")
     serve = commands.add("serve", "serve the HTTP API and dashboard (durably[web])", _serve, commands.app)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
@@ -345,7 +349,12 @@ def _job_of(args: argparse.Namespace) -> tuple[Durably, JobHandle[Any, Any]]:
 
 
 def _trigger_keys(args: argparse.Namespace) -> dict[str, Any]:
-    return {"idempotency_key": args.idempotency_key, "concurrency_key": args.concurrency_key}
+    return {
+        "idempotency_key": args.idempotency_key,
+        "concurrency_key": args.concurrency_key,
+        "delay": args.delay,
+        "priority": args.priority,
+    }
 
 
 async def _runs(args: argparse.Namespace, app: Durably) -> int:

@@ -187,6 +187,16 @@ def test_trigger_wait_exits_1_with_the_error_when_the_run_fails(cli: Cli) -> Non
     assert (run["status"], run["error"]) == ("failed", "RuntimeError: kaboom")
 
 
+def test_trigger_delay_and_priority(cli: Cli) -> None:
+    run_id = cli.trigger("echo", "{}", "--delay", "3600", "--priority", "7")
+    [run] = cli.runs()
+    assert (run["status"], run["priority"]) == ("pending", 7)
+    assert run["wake_at"] is not None
+    text = cli.ok("show", "--db", cli.url, run_id)
+    assert "priority:  7" in text and "wakes:" in text
+    assert cli.runs("--status", "waiting") == []  # a known status
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -195,6 +205,7 @@ def test_trigger_wait_exits_1_with_the_error_when_the_run_fails(cli: Cli) -> Non
         (["echo", "{}", "--input", "{}"], "the input is given twice: pass it as INPUT or with --input"),
         (["process-image", "--input", '{"name": "x"}'], "filename"),
         (["nope", "--input", "{}"], "no job named 'nope'"),
+        (["echo", "{}", "--delay", "-1"], "delay must be between 0"),
     ],
 )
 def test_a_bad_trigger_is_a_usage_error_and_writes_nothing(cli: Cli, args: list[str], message: str) -> None:

@@ -26,6 +26,8 @@ SPEC_FIELDS: dict[str, set[str]] = {
     "run:fail": {"run_id", "job_name", "error", "failed_step_name", "labels"},
     "run:cancel": {"run_id", "job_name", "labels"},
     "run:retry": {"run_id", "job_name", "attempt", "labels", "next_attempt_at"},
+    "run:wait": {"run_id", "job_name", "waiting_for", "wake_at", "labels"},
+    "run:signal": {"run_id", "job_name", "name"},
     "run:delete": {"run_id", "job_name", "labels"},
     "run:progress": {"run_id", "job_name", "progress", "labels"},
     "step:start": {"run_id", "job_name", "step_name", "step_index"},
@@ -245,7 +247,11 @@ async def test_deleting_a_run_emits_run_delete(make_durably: Callable[..., Durab
 async def test_every_event_type_is_emitted_in_order_with_tz_aware_timestamps(
     make_durably: Callable[..., Durably],
 ) -> None:
-    durably = make_durably().register(job=_two_steps(fail_first_attempt=True))
+    @define_job(name="waits", input=Any)
+    async def waits(step: StepContext, payload: Any) -> Any:
+        return await step.wait_for_signal("go")
+
+    durably = make_durably().register(job=_two_steps(fail_first_attempt=True), waits=waits)
     recorder = Recorder()
     durably.on("*", recorder)
 
@@ -261,6 +267,9 @@ async def test_every_event_type_is_emitted_in_order_with_tz_aware_timestamps(
     other = await durably.jobs.job.trigger({"n": 4})
     await durably.cancel(other.id)
     await durably.delete_run(run.id)  # the broken handler reports worker:error
+    waiting = await durably.jobs.waits.trigger({}, labels=LABELS)
+    await durably.process_until_idle()  # run:wait
+    await durably.signal(waiting.id, "go", 1)  # run:signal
 
     assert {e.type for e in recorder.events} == set(SPEC_FIELDS)
     sequences = [e.sequence for e in recorder.events]

@@ -111,3 +111,22 @@ def test_retries_backs_off_times_out_retries_a_run_and_gives_up_on_a_non_retryab
     assert "output=shipped reserve calls=2" in out
     assert "failed on attempt 1: NonRetryableError: order empty has no items" in out
     assert out.count("[run:fail]") == 1  # only the final failure
+
+
+def test_approval_waits_for_a_signal_and_escalates_on_timeout(tmp_path: Path) -> None:
+    out = run_example("approval.py", "1", cwd=tmp_path)
+    assert re.search(rf"^run {RUN_ID} is waiting for signal:approval$", out, re.MULTILINE), out
+    assert re.search(rf"^run {RUN_ID}: approved by grace$", out, re.MULTILINE), out
+    assert re.search(rf"^run {RUN_ID}: escalated: nobody answered$", out, re.MULTILINE), out
+
+
+def test_fan_out_gathers_child_outputs_on_one_slot(tmp_path: Path) -> None:
+    out = run_example("fan_out.py", cwd=tmp_path)
+    assert re.search(rf"^book-stats {RUN_ID}: {{'pages': 3, 'words': 14}}$", out, re.MULTILINE), out
+    assert re.search(rf"^children: 3, all of parent {RUN_ID}: True$", out, re.MULTILINE), out
+
+
+def test_reminder_sleeps_durably_then_reminds(tmp_path: Path) -> None:
+    out = run_example("reminder.py", "0.5", cwd=tmp_path)
+    assert re.search(rf"^run {RUN_ID} is waiting \(sleep\) until 20", out, re.MULTILINE), out
+    assert re.search(rf"^run {RUN_ID} completed: reminded ada@example.com$", out, re.MULTILINE), out

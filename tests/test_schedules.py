@@ -280,8 +280,9 @@ async def wait_for_runs(durably: Durably, count: int, *, status: str, timeout: f
 async def test_a_running_worker_triggers_each_tick_once(
     make_durably: Callable[..., Durably], clock_offset: Callable[[float], None]
 ) -> None:
-    # Shift the clock to one second before a minute starts, so the tick is near.
-    clock_offset(59.0 - time.time() % 60)
+    # Shift the clock to one second before a minute starts, so the tick is near; two
+    # minutes ahead of the database's, so the latest tick is after the first registration.
+    clock_offset(120.0 + 59.0 - time.time() % 60)
     host_a = make_durably().register(echo=echo)
     host_b = make_durably().register(echo=echo)
     for host in (host_a, host_b):
@@ -302,11 +303,28 @@ async def test_a_running_worker_triggers_each_tick_once(
 async def test_a_starting_worker_triggers_the_latest_missed_tick(
     make_durably: Callable[..., Durably], clock_offset: Callable[[float], None]
 ) -> None:
-    clock_offset(20.0 - time.time() % 60)  # 40 s before the next tick
+    # 40 s before the next tick, and ahead of the database's clock, so the latest tick
+    # comes after the schedule's first registration.
+    clock_offset(120.0 + 20.0 - time.time() % 60)
     durably = make_durably().register(echo=echo)
     durably.schedule("* * * * *", durably.jobs.echo, {}, name="minutely")
     async with durably:
         await wait_for_runs(durably, 1, status="completed", timeout=3)
+
+
+async def test_no_tick_from_before_the_first_registration_fires(make_durably: Callable[..., Durably]) -> None:
+    first, later = make_durably().register(echo=echo), make_durably().register(echo=echo)
+    for host in (first, later):
+        host.schedule("0 * * * *", host.jobs.echo, {}, name="hourly")
+    await first.migrate()
+    # A tick long before the schedule existed on this database: not fired, by any host.
+    for host in (first, later):
+        assert await host._scheduler.trigger_due(at("2024-01-15T10:15"), host.storage.register_schedules) == 0
+    assert await first.get_runs() == []
+    registered = await later.storage.register_schedules(["hourly"])  # kept, not moved forward
+    assert registered == await first.storage.register_schedules(["hourly"])
+    soon = datetime.fromtimestamp(registered["hourly"], UTC) + timedelta(hours=1, minutes=1)
+    assert await first._scheduler.trigger_due(soon, first.storage.register_schedules) == 1
 
 
 async def test_a_pass_without_a_due_tick_triggers_nothing(make_durably: Callable[..., Durably]) -> None:

@@ -119,33 +119,27 @@ def test_the_change_query_is_an_index_seek(tmp_path: Path) -> None:
 RELEASE_DB = Path(__file__).parent / "fixtures" / "durably-0.1.0.db"
 
 
-def _columns(path: Path, table: str) -> list[str]:
-    conn = sqlite3.connect(path)
+def _v1_columns(table: str) -> str:
+    """The columns durably 0.1.0 created in ``table`` (later migrations add more)."""
+    conn = sqlite3.connect(RELEASE_DB)
     try:
-        return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+        return ", ".join(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
     finally:
         conn.close()
-
-
-# The columns durably 0.1.0 knew: later migrations may add columns, never change these.
-_RELEASE_COLUMNS = {table: _columns(RELEASE_DB, table) for table in ("durably_runs", "durably_steps")}
 
 
 def _dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
     """Every row durably 0.1.0 wrote, in the columns it knew."""
     conn = sqlite3.connect(path)
     try:
-
-        def known(table: str) -> str:
-            return ", ".join(_RELEASE_COLUMNS[table])
-
         return {
-            "runs": conn.execute(f"SELECT {known('durably_runs')} FROM durably_runs ORDER BY seq").fetchall(),
-            "steps": conn.execute(
-                f"SELECT {known('durably_steps')} FROM durably_steps ORDER BY run_id, name"
-            ).fetchall(),
-            "logs": conn.execute("SELECT * FROM durably_logs ORDER BY seq").fetchall(),
-            "labels": conn.execute("SELECT * FROM durably_labels ORDER BY run_seq, key").fetchall(),
+            key: conn.execute(f"SELECT {_v1_columns(table)} FROM {table} ORDER BY {order}").fetchall()
+            for key, table, order in (
+                ("runs", "durably_runs", "seq"),
+                ("steps", "durably_steps", "run_id, name"),
+                ("logs", "durably_logs", "seq"),
+                ("labels", "durably_labels", "run_seq, key"),
+            )
         }
     finally:
         conn.close()

@@ -48,6 +48,35 @@ class Telemetry(msgspec.Struct, kw_only=True):
         return self.progress is not None or bool(self.logs)
 
 
+class WaitRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """A wait a running run reaches (SPEC §12): what resolves it, and what it waits as.
+
+    ``key`` is the step under which the resolution is stored (a signal's payload, the
+    children's outcomes); ``timer_key`` the step holding the wait's deadline (epoch
+    seconds, database clock), written as now + ``timer`` (or ``deadline``) the first time. A wait with
+    neither ``signal`` nor ``children`` is a sleep: it resolves once its deadline has
+    passed and stores nothing more. ``waiting_for`` is stored on the run while it waits.
+    """
+
+    key: str
+    index: int
+    waiting_for: str
+    timer_key: str | None = None
+    timer: float | None = None
+    deadline: float | None = None
+    signal: str | None = None
+    children: tuple[NewRun, ...] = ()
+
+
+class WaitResult(msgspec.Struct, frozen=True):
+    """``"resolved"`` with the stored resolution (JSON, ``None`` for a sleep), ``"waiting"``
+    (the run now waits, its lease released, until ``wake_at`` if it has one) or ``"lost"``."""
+
+    state: str
+    output: bytes | None = None
+    wake_at: float | None = None
+
+
 class RunFilter(msgspec.Struct, kw_only=True):
     """What ``get_runs`` selects; every given criterion must match."""
 
@@ -130,7 +159,10 @@ class Storage(Protocol):
         ...
 
     async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
-        """Mark the run ``completed`` with ``output`` (JSON) and drop the lease, if held."""
+        """Mark the run ``completed`` with ``output`` (JSON) and drop the lease, if held.
+
+        The last child of a waiting parent to end (completed, failed or cancelled) wakes it
+        in the same write (here, in ``fail_run`` and in ``cancel_run``)."""
         ...
 
     async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
@@ -159,6 +191,38 @@ class Storage(Protocol):
         off for longer than a lease frees its worker slot. The run is claimable again
         ``delay`` seconds from now. Returns ``wake_at``, or ``None`` if the lease was not held.
         """
+        ...
+
+    async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
+        """Resolve ``request`` or make the run wait for it, in one atomic write, if the lease is held.
+
+        In that one write: the children are created (once: their idempotency keys derive
+        from the parent and the step), the deadline is stored (once), and then either the
+        wait resolves — the oldest unconsumed signal of that name is consumed by exactly
+        this wait and stored as the step's result, or every child has ended and their
+        outcomes are stored, or the deadline has passed on the database clock (stored as
+        ``{"timeout": true}`` for a signal or children) — or the run becomes ``waiting``
+        with ``waiting_for`` and ``wake_at`` = the deadline, its lease released, holding
+        no slot. A waiting run becomes claimable when its ``wake_at`` passes, when a
+        signal it waits for arrives (``send_signal``) or when its last child ends.
+        """
+        ...
+
+    async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
+        """Keep a signal for the run until a wait of that name consumes it; wake the run if it
+        waits for it now. The run (as it was); ``NotFoundError`` for an unknown run,
+        ``ConflictError`` for an ended one (nothing is stored then)."""
+        ...
+
+    async def next_wake_at(self, job_names: Sequence[str]) -> float | None:
+        """When the earliest run of ``job_names`` becomes claimable (epoch seconds, database
+        clock): now's time if one is claimable at once, else the earliest ``wake_at`` or
+        lease expiry; ``None`` if nothing is due ever (runs waiting for a signal or children)."""
+        ...
+
+    async def register_schedules(self, names: Sequence[str]) -> dict[str, float]:
+        """Record the first registration of each schedule (once per database, by its clock);
+        each name's first registration time in epoch seconds."""
         ...
 
     async def get_run(self, run_id: str) -> Run | None:
@@ -191,7 +255,8 @@ class Storage(Protocol):
         ...
 
     async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
-        """Cancel a ``pending`` or ``leased`` run; the run and whether this call changed it.
+        """Cancel a ``pending``, ``leased`` or ``waiting`` run, with its unfinished child runs
+        (and theirs); the run and whether this call changed it. A parent waiting for it wakes.
 
         An already cancelled run is returned unchanged. ``NotFoundError`` for an
         unknown id, ``ConflictError`` for a completed or failed run.

@@ -78,17 +78,22 @@ WHERE seq IN (
     LIMIT ?4)
 RETURNING {RUN_COLUMNS}, lease_generation, trace_context"""
 
-# The completed steps of resumed runs, given as a JSON array of ids. (A subquery in the
-# claim's RETURNING would save a statement, but SQLite cannot use an index there.)
-COMPLETED_STEPS = """
+# The resumed runs (claimed before) of one claim, named by its one-off lease owner (?1):
+# found among the few leased runs (durably_runs_status), in the claim's own request.
+_RESUMED_BY = """SELECT id FROM durably_runs
+    WHERE status = 'leased' AND lease_owner = ?1 AND lease_generation > 1"""
+
+# The completed steps of the claim's resumed runs. (A subquery in the claim's RETURNING
+# would save a statement, but SQLite cannot use an index there.)
+COMPLETED_STEPS = f"""
 SELECT run_id, name, idx, output FROM durably_steps
-WHERE status = 'completed' AND run_id IN (SELECT value FROM json_each(?))"""
+WHERE status = 'completed' AND run_id IN ({_RESUMED_BY})"""
 
 # How many log lines each resumed run has stored, per step (NULL: the job body), read in
 # the same request as its steps: the replayed body does not store them again.
-LOG_COUNTS = """
+LOG_COUNTS = f"""
 SELECT run_id, step_name, COUNT(*) FROM durably_logs
-WHERE run_id IN (SELECT value FROM json_each(?)) GROUP BY run_id, step_name"""
+WHERE run_id IN ({_RESUMED_BY}) GROUP BY run_id, step_name"""
 
 RENEW_LEASES = f"""
 UPDATE durably_runs SET lease_expires_at = {NOW} + ?1
@@ -141,9 +146,9 @@ WHERE id = ?5 AND status = 'leased' AND lease_generation = ?6 RETURNING wake_at"
 WOKEN_LATER = "SELECT wake_at FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = 'pending'"
 
 # Steps backing off between attempts (failed, not ended): a resumed run goes on counting.
-STEP_ATTEMPTS = """
+STEP_ATTEMPTS = f"""
 SELECT run_id, name, attempts FROM durably_steps
-WHERE status = 'failed' AND completed_at IS NULL AND run_id IN (SELECT value FROM json_each(?))"""
+WHERE status = 'failed' AND completed_at IS NULL AND run_id IN ({_RESUMED_BY})"""
 
 CANCEL_RUN = f"""
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
@@ -162,6 +167,9 @@ DELETE FROM durably_steps WHERE run_id = ?1
 DELETE_LOGS = f"""
 DELETE FROM durably_logs WHERE run_id = ?1
   AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
+DELETE_SIGNALS = f"""
+DELETE FROM durably_signals WHERE run_id = ?1 AND consumed_by IS NULL
+  AND EXISTS (SELECT 1 FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL})"""
 DELETE_LABELS = f"""
 DELETE FROM durably_labels
 WHERE run_seq = (SELECT seq FROM durably_runs WHERE id = ? AND status IN {TERMINAL})"""
@@ -176,6 +184,9 @@ WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
 PURGE_LOGS = f"""
 DELETE FROM durably_logs
 WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
+PURGE_SIGNALS = f"""
+DELETE FROM durably_signals WHERE consumed_by IS NULL
+  AND run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
 PURGE_LABELS = f"DELETE FROM durably_labels WHERE run_seq IN ({_PURGE_VICTIMS})"
 PURGE_RUNS = f"DELETE FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}) RETURNING 1"
 
@@ -204,3 +215,124 @@ RUN_EXISTS = "SELECT 1 FROM durably_runs WHERE id = ?"
 
 SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM durably_schema_versions"
 RECORD_VERSION = f"INSERT INTO durably_schema_versions (version, applied_at) VALUES (?, {NOW})"
+
+# --- waits (SPEC §12) -------------------------------------------------------------------
+# A wait is one atomic write of the statements below, in this order, all fenced by the
+# lease. ?1 run id, ?2 lease generation throughout.
+
+_HELD_12 = "id = ?1 AND status = 'leased' AND lease_generation = ?2"
+_IS_HELD_12 = f"EXISTS (SELECT 1 FROM durably_runs WHERE {_HELD_12})"
+_RESOLVED = "EXISTS (SELECT 1 FROM durably_steps WHERE run_id = ?1 AND name = ?3)"
+_DEADLINE = "(SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?3)"
+
+# The deadline of a wait (?3 its step, ?4 index, ?5 seconds from now or ?6 an epoch
+# time), stored once as a step: epoch seconds on the database clock.
+WAIT_TIMER = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?4, 'completed', CAST(COALESCE(?6, {NOW} + ?5) AS TEXT), {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# The oldest signal of that name (?4) becomes this wait's result (?3 the step, ?5 its
+# index), unless the step is resolved already; then the signal, named by the stored
+# result, is deleted: consumed once, and the table keeps only signals not yet consumed.
+CONSUME_SIGNAL = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?5, 'completed', json_object('signal', json(payload), 'seq', seq), {NOW}, {NOW}
+FROM durably_signals
+WHERE run_id = ?1 AND name = ?4 AND consumed_by IS NULL AND {_IS_HELD_12}
+ORDER BY seq LIMIT 1
+ON CONFLICT (run_id, name) DO NOTHING"""
+DROP_SIGNAL = """
+DELETE FROM durably_signals
+WHERE seq = (SELECT output ->> '$.seq' FROM durably_steps WHERE run_id = ?1 AND name = ?2)"""
+
+# Children, found by their idempotency keys (?4: a JSON array; ?5 their job): once all
+# have ended, their outcomes as [id, status, output, error] in trigger order.
+_CHILDREN = "job_name = ?5 AND idempotency_key IN (SELECT value FROM json_each(?4))"
+STORE_CHILDREN = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?6, 'completed',
+       (SELECT json_group_array(json_array(id, status, json(output), error))
+        FROM (SELECT id, status, output, error FROM durably_runs WHERE {_CHILDREN} ORDER BY seq)),
+       {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+  AND NOT EXISTS (SELECT 1 FROM durably_runs WHERE {_CHILDREN} AND status NOT IN {TERMINAL})
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# A signal or children not come by the deadline (?4 the timer step): a timeout.
+STORE_TIMEOUT = f"""
+INSERT INTO durably_steps (run_id, name, idx, status, output, started_at, completed_at)
+SELECT ?1, ?3, ?5, 'completed', '{{"timeout":true}}', {NOW}, {NOW}
+WHERE {_IS_HELD_12}
+  AND (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?4) <= {NOW}
+ON CONFLICT (run_id, name) DO NOTHING"""
+
+# The run waits unless resolved (?3 the step; for a sleep, the timer step: resolved once
+# passed), ?4 waiting_for, ?5 the timer step or NULL, ?6 progress, ?7 whether a sleep;
+# for children (?8 their keys, ?9 their job) waiting_for names them: runs:ID,ID…
+SUSPEND_RUN = f"""
+UPDATE durably_runs SET status = 'waiting', lease_owner = NULL,
+    waiting_for = CASE WHEN ?8 IS NULL THEN ?4 ELSE 'runs:' || (
+        SELECT group_concat(id, ',') FROM (SELECT c.id FROM durably_runs AS c
+        WHERE c.job_name = ?9 AND c.idempotency_key IN (SELECT value FROM json_each(?8))
+        ORDER BY c.seq)) END,
+    lease_expires_at = NULL, progress = COALESCE(?6, progress),
+    wake_at = (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?5)
+WHERE {_HELD_12}
+  AND CASE WHEN ?7 THEN {_DEADLINE} > {NOW} ELSE NOT {_RESOLVED} END
+RETURNING wake_at"""
+
+STILL_HELD = f"SELECT 1 FROM durably_runs WHERE {_HELD_12}"
+WAIT_RESOLUTION = "SELECT output FROM durably_steps WHERE run_id = ?1 AND name = ?2"
+
+# A signal for a run not yet ended is kept; a run waiting for it becomes due at once.
+INSERT_SIGNAL = f"""
+INSERT INTO durably_signals (run_id, name, payload, created_at)
+SELECT ?1, ?2, ?3, {NOW} WHERE EXISTS (
+    SELECT 1 FROM durably_runs WHERE id = ?1 AND status NOT IN {TERMINAL})
+RETURNING 1"""
+WAKE_FOR_SIGNAL = f"""
+UPDATE durably_runs SET wake_at = {NOW}
+WHERE id = ?1 AND status = 'waiting' AND waiting_for = 'signal:' || ?2"""
+
+# The last child to end wakes its waiting parent, in the write that ends the child.
+WAKE_PARENT = f"""
+UPDATE durably_runs SET wake_at = {NOW}
+WHERE id = (SELECT parent_run_id FROM durably_runs WHERE id = ?1) AND status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM durably_runs AS c
+                  WHERE c.parent_run_id = durably_runs.id AND c.status NOT IN {TERMINAL})"""
+
+# Cancelling a run cancels its unfinished descendants.
+CANCEL_DESCENDANTS = f"""
+WITH RECURSIVE tree(id) AS (
+    SELECT id FROM durably_runs WHERE parent_run_id = ?1
+    UNION SELECT r.id FROM durably_runs AS r JOIN tree ON r.parent_run_id = tree.id)
+UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL
+WHERE id IN (SELECT id FROM tree) AND status IN ('pending', 'leased', 'waiting')"""
+
+# When the first run of the given jobs becomes claimable (NULL: none ever, by time).
+NEXT_WAKE_AT = f"""
+SELECT CASE WHEN EXISTS (
+    SELECT 1 FROM durably_runs INDEXED BY durably_runs_ready
+    WHERE status = 'pending' AND wake_at IS NULL AND job_name IN (SELECT value FROM json_each(?1)))
+THEN {NOW} ELSE NULLIF(MIN(
+    COALESCE((SELECT MIN(wake_at) FROM durably_runs INDEXED BY durably_runs_due
+              WHERE wake_at IS NOT NULL AND status IN ('pending', 'waiting')
+                AND job_name IN (SELECT value FROM json_each(?1))), 1e18),
+    COALESCE((SELECT MIN(lease_expires_at) FROM durably_runs
+              WHERE status = 'leased' AND job_name IN (SELECT value FROM json_each(?1))), 1e18)), 1e18)
+END"""
+
+# A schedule's first registration on this database: written once, read by every host.
+REGISTER_SCHEDULES = f"""
+INSERT INTO durably_schedules (name, first_registered_at)
+SELECT value, {NOW} FROM json_each(?1) WHERE true
+ON CONFLICT (name) DO NOTHING"""
+SCHEDULES_REGISTERED = """
+SELECT name, first_registered_at FROM durably_schedules
+WHERE name IN (SELECT value FROM json_each(?1))"""
+
+# A run parked under a given lease generation, with its wake time.
+PARKED_AS = "SELECT wake_at FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = 'waiting'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -15,8 +16,17 @@ from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
+from durably._storage import _waits
 from durably._storage._driver import Driver, Row, Statement, Value
-from durably._storage._protocol import Lease, RunChanges, RunFilter, StepRecord, Telemetry
+from durably._storage._protocol import (
+    Lease,
+    RunChanges,
+    RunFilter,
+    StepRecord,
+    Telemetry,
+    WaitRequest,
+    WaitResult,
+)
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
@@ -249,24 +259,8 @@ class SqlStorage:
         statements: list[Statement] = []
         positions: list[tuple[int, int | None]] = []  # per run: its INSERT, its idempotency SELECT
         for run in runs:
-            labels = _codec.encode(run.labels).decode()
             insert = len(statements)
-            params = (
-                run.id,
-                run.job_name,
-                run.input.decode(),
-                labels,
-                run.idempotency_key,
-                run.concurrency_key,
-                run.priority,
-                run.delay,
-                run.run_at,
-                run.parent_run_id,
-                run.trace_context,
-            )
-            statements.append((q.INSERT_RUN, params))
-            if run.labels:
-                statements.append((q.INSERT_LABELS, (labels, run.id)))
+            statements.extend(_waits.insert_run(run))
             existing = None
             if run.idempotency_key is not None:
                 existing = len(statements)
@@ -300,21 +294,23 @@ class SqlStorage:
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedRun]:
-        params = (worker_id, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
-        [runs] = await self._driver.write([(q.CLAIM_RUNS, params)])
-        # Only a run claimed before (generation > 1) can have stored steps. They are read
-        # from the primary (a replica may not have synced them yet), and after the claim:
+        # A one-off lease owner names this claim's runs, so their stored steps, log counts and
+        # step attempts are read in the claim's own request (on the primary: a replica may lag), after it:
         # no one else can write steps for a run whose lease this worker now holds.
-        resumed_ids = [_text(row[0]) for row in runs if _int(row[_RUN_WIDTH]) > 1]
+        owner = f"{worker_id}/{secrets.token_hex(6)}"
+        params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        runs, steps, log_counts, attempts = await self._driver.write(
+            [
+                (q.CLAIM_RUNS, params),
+                (q.COMPLETED_STEPS, (owner,)),
+                (q.LOG_COUNTS, (owner,)),
+                (q.STEP_ATTEMPTS, (owner,)),
+            ]
+        )
         resumed = _Resumed()
-        if resumed_ids:
-            ids = _codec.encode(resumed_ids).decode()
-            steps, log_counts, attempts = await self._driver.read_primary(
-                [(q.COMPLETED_STEPS, (ids,)), (q.LOG_COUNTS, (ids,)), (q.STEP_ATTEMPTS, (ids,))]
-            )
-            resumed.add_steps(steps)
-            resumed.add_log_counts(log_counts)
-            resumed.add_step_attempts(attempts)
+        resumed.add_steps(steps)
+        resumed.add_log_counts(log_counts)
+        resumed.add_step_attempts(attempts)
         claimed = [_claimed(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
@@ -327,14 +323,16 @@ class SqlStorage:
         [rows] = await self._driver.write([(q.RENEW_LEASES, (lease_seconds, ids, pairs))])
         return {_text(row[0]) for row in rows}
 
-    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry) -> bool:
+    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry, *after: Statement) -> bool:
         # Logs first: once ``main`` ends the lease, their guard would refuse them.
-        results = await self._driver.write([*_log_statements(lease, telemetry), main])
-        return _held(results[-1])
+        logs = _log_statements(lease, telemetry)
+        results = await self._driver.write([*logs, main, *after])
+        return _held(results[len(logs)])
 
     async def _ending(self, lease: Lease, main: Statement, telemetry: Telemetry, status: str) -> bool:
-        """``_guarded`` for a write that ends the lease leaving the run in ``status``."""
-        if await self._guarded(lease, main, telemetry):
+        """``_guarded`` for a write that ends the lease leaving the run in ``status``; a parent
+        waiting for this run as its last child wakes in the same write."""
+        if await self._guarded(lease, main, telemetry, (q.WAKE_PARENT, (lease.run_id,))):
             return True
         # Perhaps an earlier send of this very write ended it and the connection lost the answer
         # (SPEC §15): only this lease's holder can leave the run so under this generation.
@@ -466,10 +464,50 @@ class SqlStorage:
         return _run_from_row(current[0]), bool(changed)
 
     async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
-        run, changed = await self._change_status(q.CANCEL_RUN, run_id)
+        changed, _, _, current = await self._driver.write(
+            [
+                (q.CANCEL_RUN, (run_id,)),
+                (q.CANCEL_DESCENDANTS, (run_id,)),
+                (q.WAKE_PARENT, (run_id,)),
+                (q.SELECT_RUN_BY_ID, (run_id,)),
+            ]
+        )
+        if not current:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        run = _run_from_row(current[0])
         if not changed and run.status != "cancelled":
             raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
-        return run, changed
+        return run, bool(changed)
+
+    async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
+        logs = _log_statements(lease, telemetry)
+        return await _waits.wait(self._driver, lease, request, logs, _progress_json(telemetry.progress))
+
+    async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
+        stored, _, current = await self._driver.write(
+            [
+                (q.INSERT_SIGNAL, (run_id, name, payload.decode())),
+                (q.WAKE_FOR_SIGNAL, (run_id, name)),
+                (q.SELECT_RUN_BY_ID, (run_id,)),
+            ]
+        )
+        if not current:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        run = _run_from_row(current[0])
+        if not stored:
+            raise ConflictError(f"run {run_id} is {run.status}: an ended run takes no signals")
+        return run
+
+    async def register_schedules(self, names: Sequence[str]) -> dict[str, float]:
+        encoded = _codec.encode(list(names)).decode()
+        _, rows = await self._driver.write(
+            [(q.REGISTER_SCHEDULES, (encoded,)), (q.SCHEDULES_REGISTERED, (encoded,))]
+        )
+        return {_text(name): float(at or 0) for name, at in rows}
+
+    async def next_wake_at(self, job_names: Sequence[str]) -> float | None:
+        rows = await self._driver.read(q.NEXT_WAKE_AT, (_codec.encode(list(job_names)).decode(),))
+        return _float(rows[0][0]) if rows else None
 
     async def retry_run(self, run_id: str) -> Run:
         run, changed = await self._change_status(q.RETRY_RUN, run_id)
@@ -482,12 +520,13 @@ class SqlStorage:
             [
                 (q.DELETE_STEPS, (run_id,)),
                 (q.DELETE_LOGS, (run_id,)),
+                (q.DELETE_SIGNALS, (run_id,)),
                 (q.DELETE_LABELS, (run_id,)),
                 (q.DELETE_RUN, (run_id,)),
                 (q.SELECT_RUN_BY_ID, (run_id,)),
             ]
         )
-        deleted, remaining = results[3], results[4]
+        deleted, remaining = results[-2], results[-1]
         if deleted:
             return _run_from_row(deleted[0])
         if not remaining:
@@ -501,6 +540,7 @@ class SqlStorage:
             [
                 (q.PURGE_STEPS, params),
                 (q.PURGE_LOGS, params),
+                (q.PURGE_SIGNALS, params),
                 (q.PURGE_LABELS, params),
                 (q.PURGE_RUNS, params),
             ]

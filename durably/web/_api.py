@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from durably._engine import Durably
 
 _encoder = msgspec.json.Encoder()
-_STATUSES = ("pending", "leased", "completed", "failed", "cancelled")
+_STATUSES = ("pending", "leased", "waiting", "completed", "failed", "cancelled")
 MAX_LIMIT = 500
 
 STATUS_CODES: dict[type[DurablyError], int] = {
@@ -42,6 +43,9 @@ class TriggerBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idempotency_key: str | None = None
     concurrency_key: str | None = None
     labels: dict[str, str] | None = None
+    delay: float | None = None
+    run_at: datetime | None = None
+    priority: int = 0
 
 
 def json_response(data: Any, status_code: int = 200) -> Response:
@@ -140,6 +144,7 @@ class Api:
             Route("/api/runs/{id}/retry", self.retry, methods=["POST"]),
             Route("/api/runs/{id}/retrigger", self.retrigger, methods=["POST"]),
             Route("/api/runs/{id}/cancel", self.cancel, methods=["POST"]),
+            Route("/api/runs/{id}/signals/{name}", self.signal, methods=["POST"]),
             Route("/api/runs/{id}/events", self.run_events),
             Route("/api/events", self.events),
         ]
@@ -161,6 +166,9 @@ class Api:
             idempotency_key=body.idempotency_key,
             concurrency_key=body.concurrency_key,
             labels=body.labels,
+            delay=body.delay,
+            run_at=body.run_at,
+            priority=body.priority,
         )
         return json_response(run, 201 if run.disposition == "created" else 200)
 
@@ -204,6 +212,14 @@ class Api:
     async def cancel(self, request: Request) -> Response:
         await self._ready()
         return json_response(await self.durably.cancel(request.path_params["id"]))
+
+    async def signal(self, request: Request) -> Response:
+        """The body is the signal's payload (any JSON)."""
+        payload = await _body(request, Any)
+        await self._ready()
+        run_id, name = request.path_params["id"], request.path_params["name"]
+        await self.durably.signal(run_id, name, payload)
+        return json_response({"signalled": run_id, "name": name}, 202)
 
     async def delete(self, request: Request) -> Response:
         await self._ready()

@@ -48,6 +48,7 @@ class Ledger:
     worker_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     errors_by_host: collections.Counter[str] = field(default_factory=collections.Counter)
     steps_per_host: collections.Counter[str] = field(default_factory=collections.Counter)
+    waits: collections.Counter[str] = field(default_factory=collections.Counter)  # run:wait per run
 
     def check(self, *, rerun_bound: int) -> None:
         """What must survive any fault: every run, once; no stored step re-run; bounded re-runs."""
@@ -117,6 +118,8 @@ async def tally(durably: Durably, runs: list[Run], log: Path) -> Ledger:
 def _check_step(ledger: Ledger, run_id: str, step: Any, executions: list[Effect]) -> None:
     """The stored result came from a real execution; no other one wrote after it was stored."""
     output = step.output
+    if not isinstance(output, dict):  # a sleep's deadline, not a side effect
+        return
     ledger.steps_per_host[output["host"]] += 1
     kept = (output["pid"], output["started_ns"])
     if not any((e.pid, e.started_ns) == kept for e in executions):
@@ -132,6 +135,8 @@ def _count_events(ledger: Ledger, events: Path, run_ids: set[str]) -> None:
     for kind, run_id, host, _pid, detail in _lines(events):
         if kind == "run:complete":
             completions[run_id] += 1
+        elif kind == "run:wait":
+            ledger.waits[run_id] += 1
         else:
             ledger.worker_errors[detail] += 1
             ledger.errors_by_host[host] += 1

@@ -8,7 +8,7 @@ The job ``effects`` runs ``steps`` steps. Each step execution appends ``RUN STEP
 NAME PID STARTED_NS`` to ``LOG.begin`` when it starts and ``RUN STEP ATTEMPT PID
 STARTED_NS ENDED_NS`` to ``LOG`` (the side effect) just before it returns; the stored result names
 ``(pid, started_ns)``, so a test can tell the execution whose checkpoint was stored from
-every other one. ``run:complete`` and ``worker:error`` are appended to ``LOG.events``.
+every other one. ``run:complete``, ``run:wait`` and ``worker:error`` are appended to ``LOG.events``.
 Each line is one ``write`` on an ``O_APPEND`` descriptor (``host.append_line``), so
 lines from several processes never interleave and a SIGKILL leaves no half line.
 """
@@ -36,6 +36,7 @@ class Effects(msgspec.Struct):
 
     steps: int = 3
     work: float = 0.05
+    nap: float = 0.0  # a durable step.sleep of this long after each step (none if 0)
 
 
 def configure(name: str, log: str) -> None:
@@ -61,6 +62,8 @@ async def effects(step: StepContext, payload: Effects) -> Any:
     for k in range(payload.steps):
         result = await step.run(f"s{k}", _effect, step.run_id, f"s{k}", attempt, payload.work)
         hosts.append(result["host"])
+        if payload.nap > 0:
+            await step.sleep(f"nap{k}", payload.nap)
     return {"steps": hosts, "finished_by": _host["name"]}
 
 
@@ -80,7 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
         stale_threshold=args.stale,
         max_concurrent_runs=args.concurrency,
     ).register(effects=effects)
-    for event_type in ("run:complete", "worker:error"):
+    for event_type in ("run:complete", "worker:error", "run:wait"):
         durably.on(event_type, _record)
     append_line(args.ready_file, f"ready {_host['name']} {os.getpid()}")
     if args.go_file:

@@ -153,3 +153,16 @@ async def steps(step: StepContext, payload: ImageIn) -> ImageOut:
     step.progress(1, 3, "fetched")
     step.log.info("fetched", size=data["size"])
     return typed
+
+
+async def durable_waits(step: StepContext, durably: Durably) -> None:
+    """Durable waits keep the child's output type (SPEC §12)."""
+    await step.sleep("nap", 1.5)
+    approval = await step.wait_for_signal("approve", timeout=60)
+    assert_type(approval, Any)
+    receipt = await step.run_job("bill", durably.job(bill), {"order_id": "o", "amount": 3}, priority=2)
+    assert_type(receipt, Receipt)
+    receipts = await step.run_jobs("bills", durably.job(bill), [{"order_id": "o", "amount": 3}])
+    assert_type(receipts, list[Receipt])
+    run = await durably.job(bill).trigger({"order_id": "o", "amount": 1}, delay=5, priority=1)
+    assert_type(run, Run)

@@ -40,11 +40,17 @@ async def count(step: StepContext, payload: dict[str, Any]) -> int:
     return total
 
 
+@define_job(name="approve", input=dict[str, Any])
+async def approve(step: StepContext, payload: dict[str, Any]) -> Any:
+    """Waits (holding no slot) for the ``approval`` signal and returns its payload."""
+    return await step.wait_for_signal("approval")
+
+
 def make(db: str, **options: Any) -> Durably:
     options.setdefault("polling_interval", 0.02)
     options.setdefault("heartbeat_interval", 0.2)
     options.setdefault("stale_threshold", 2.0)
-    return create_durably(db, **options).register(greet=greet, count=count)
+    return create_durably(db, **options).register(greet=greet, count=count, approve=approve)
 
 
 async def _work(db: str, stop_file: str) -> None:

@@ -47,8 +47,12 @@ def _error(response: httpx.Response, status: int, kind: str) -> str:
 
 async def test_jobs_come_with_the_json_schema_of_their_input(client: httpx.AsyncClient) -> None:
     jobs = (await client.get("/api/jobs")).json()["jobs"]
-    assert [(job["name"], job["handle"]) for job in jobs] == [("count", "count"), ("greet", "greet")]
-    schema = jobs[1]["input_schema"]
+    assert [(job["name"], job["handle"]) for job in jobs] == [
+        ("approve", "approve"),
+        ("count", "count"),
+        ("greet", "greet"),
+    ]
+    schema = jobs[2]["input_schema"]
     greet_in = schema["$defs"]["GreetIn"]
     assert greet_in["required"] == ["name"]
     assert greet_in["properties"]["times"] == {"type": "integer", "default": 1}
@@ -71,7 +75,16 @@ async def test_trigger_creates_then_returns_the_idempotent_run(
 @pytest.mark.parametrize(
     ("body", "status", "kind", "says"),
     [
-        ({"input": {"name": "ada"}, "delay": 5, "priority": 1}, 422, "ValidationError", "delay"),
+        ({"input": {"name": "ada"}, "dealy": 5}, 422, "ValidationError", "dealy"),
+        (
+            {"input": {"name": "a"}, "delay": 5, "run_at": "2030-01-01T00:00:00Z"},
+            422,
+            "ValidationError",
+            "delay",
+        ),
+        ({"input": {"name": "a"}, "run_at": "2030-01-01T00:00:00"}, 422, "ValidationError", "run_at"),
+        ({"input": {"name": "a"}, "delay": -1}, 422, "ValidationError", "delay"),
+        ({"input": {"name": "a"}, "priority": 1.5}, 422, "ValidationError", "priority"),
         ({"idempotency_key": "x"}, 422, "ValidationError", "input"),
         ({"input": {"name": 3}}, 422, "ValidationError", "name"),
         ({"input": {"name": "a"}, "labels": {"k": 1}}, 422, "ValidationError", "labels"),
@@ -85,6 +98,24 @@ async def test_a_refused_trigger_names_what_was_wrong_and_writes_nothing(
     message = _error(await client.post("/api/jobs/greet/trigger", json=body), status, kind)
     assert says in message
     assert await durably.get_runs() == []
+
+
+async def test_trigger_takes_delay_run_at_and_priority(client: httpx.AsyncClient) -> None:
+    delayed = await _trigger(client, delay=60, priority=3)
+    assert (delayed["priority"], delayed["status"]) == (3, "pending")
+    assert delayed["wake_at"] is not None
+    at = await _trigger(client, run_at="2030-01-01T00:00:00Z")
+    assert at["wake_at"].startswith("2030-01-01T00:00:00")
+
+
+async def test_signals_are_delivered_through_the_api(client: httpx.AsyncClient, durably: Durably) -> None:
+    run = await _trigger(client)
+    sent = await client.post(f"/api/runs/{run['id']}/signals/approve", json={"ok": True})
+    assert sent.status_code == 202, sent.text
+    _error(await client.post("/api/runs/X/signals/approve", json=1), 404, "NotFoundError")
+    await durably.process_until_idle()  # greet completes (it waits for no signal)
+    _error(await client.post(f"/api/runs/{run['id']}/signals/approve", json=1), 409, "ConflictError")
+    _error(await client.post(f"/api/runs/{run['id']}/signals/approve", content=b"1"), 400, "BadRequest")
 
 
 async def test_state_changes_must_be_json(client: httpx.AsyncClient, durably: Durably) -> None:

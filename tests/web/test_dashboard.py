@@ -237,6 +237,23 @@ async def test_cancel_stops_a_run_in_the_worker_process_and_delete_removes_it(
     assert await page.locator(f'tr[data-run="{run.id}"]').count() == 0
 
 
+async def test_the_signal_button_wakes_a_waiting_run(
+    browser: Browser, stack: Stack, trigger_host: Durably
+) -> None:
+    run = await trigger_host.jobs.approve.trigger({})
+    opened = await _open(browser, stack, f"#/runs/{run.id}")
+    page = opened.page
+    await page.wait_for_selector('h1 .status[data-status="waiting"]', timeout=10_000)
+    assert "signal:approval" in await page.inner_text("dl.meta")
+    answers = iter(["approval", '{"ok": true}'])  # the name (offered), then the payload
+    page.on("dialog", lambda dialog: dialog.accept(next(answers)))
+    await page.get_by_role("button", name="Signal").click()
+    await page.wait_for_selector('h1 .status[data-status="completed"]', timeout=10_000)
+    assert await page.inner_text("pre[aria-label=Output]") == '{\n  "ok": true\n}'
+    done = await trigger_host.get_run(run.id)
+    assert done is not None and done.output == {"ok": True}
+
+
 async def test_the_trigger_form_is_built_from_the_input_schema(
     browser: Browser, stack: Stack, trigger_host: Durably
 ) -> None:

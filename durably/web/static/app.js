@@ -3,7 +3,7 @@
 "use strict";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-const STATUSES = ["pending", "leased", "completed", "failed", "cancelled"];
+const STATUSES = ["pending", "leased", "waiting", "completed", "failed", "cancelled"];
 const main = document.getElementById("main");
 let cleanup = () => {};
 let jobsCache = null;
@@ -240,6 +240,7 @@ async function runView(runId) {
     retry: h("button", { type: "button", class: "secondary" }, "Retry"),
     retrigger: h("button", { type: "button", class: "secondary" }, "Retrigger"),
     cancel: h("button", { type: "button", class: "danger" }, "Cancel"),
+    signal: h("button", { type: "button", class: "secondary" }, "Signal"),
     delete: h("button", { type: "button", class: "danger" }, "Delete"),
   };
 
@@ -251,6 +252,9 @@ async function runView(runId) {
         h("dt", {}, "Attempt"), h("dd", {}, run.attempt),
         h("dt", {}, "Created"), h("dd", {}, `${run.created_at} (${age(run.created_at)})`),
         run.completed_at ? [h("dt", {}, "Ended"), h("dd", {}, run.completed_at)] : null,
+        run.waiting_for ? [h("dt", {}, "Waiting for"), h("dd", {}, run.waiting_for)] : null,
+        run.wake_at ? [h("dt", {}, "Wakes"), h("dd", {}, run.wake_at)] : null,
+        run.parent_run_id ? [h("dt", {}, "Parent"), h("dd", {}, h("a", { href: `#/runs/${run.parent_run_id}` }, run.parent_run_id))] : null,
         Object.keys(run.labels || {}).length ? [h("dt", {}, "Labels"), h("dd", {}, labelChips(run.labels))] : null));
     fill(bar, h("h2", {}, "Progress"), progressBar(run.progress, run.status));
     fill(result, 
@@ -259,6 +263,7 @@ async function runView(runId) {
       run.status === "completed" ? [h("h2", {}, "Output"), h("pre", { "aria-label": "Output" }, pretty(run.output))] : null);
     buttons.retry.disabled = !["failed", "cancelled"].includes(run.status);
     buttons.cancel.disabled = TERMINAL.has(run.status);
+    buttons.signal.disabled = TERMINAL.has(run.status);
     buttons.delete.disabled = !TERMINAL.has(run.status);
   }
 
@@ -291,6 +296,19 @@ async function runView(runId) {
   buttons.retry.onclick = () => act("retry", () => api(`api/runs/${run.id}/retry`, { method: "POST" })).then((r) => r && (location.hash = `#/runs/${r.id}?${Date.now()}`));
   buttons.retrigger.onclick = () => act("retrigger", () => api(`api/runs/${run.id}/retrigger`, { method: "POST" })).then((r) => r && (location.hash = `#/runs/${r.id}`));
   buttons.cancel.onclick = () => act("cancel", () => api(`api/runs/${run.id}/cancel`, { method: "POST" }));
+  buttons.signal.onclick = () => {
+    const waited = (run.waiting_for || "").startsWith("signal:") ? run.waiting_for.slice(7) : "";
+    const name = prompt("Signal name", waited);
+    if (!name) return;
+    let payload;
+    try {
+      payload = JSON.parse(prompt("Payload (JSON)", "null") ?? "null");
+    } catch (error) {
+      toast(`signal: the payload is not JSON: ${error.message}`);
+      return;
+    }
+    act("signal", () => api(`api/runs/${run.id}/signals/${encodeURIComponent(name)}`, { method: "POST", body: payload }));
+  };
   buttons.delete.onclick = () => {
     if (!confirm(`Delete run ${run.id} with its steps and logs?`)) return;
     act("delete", () => api(`api/runs/${run.id}`, { method: "DELETE" })).then((r) => r && (location.hash = "#/"));
