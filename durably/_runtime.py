@@ -37,7 +37,8 @@ from durably._events import (
 from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
 from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
-from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
+from durably._storage._protocol import Lease, StepRecord, Storage, WaitRequest, WaitResult
+from durably._telemetry import TelemetryBuffer
 from durably._waits import Suspend
 from durably.errors import LeaseLostError, StorageError, ValidationError
 
@@ -49,8 +50,6 @@ T = TypeVar("T")
 _logger = structlog.get_logger("durably")
 _current_step: ContextVar[str | None] = ContextVar("durably_current_step", default=None)
 
-_TELEMETRY_PERIOD = 1.0
-_NO_TELEMETRY = Telemetry()  # shared, never changed: most writes carry no progress or logs
 
 # "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12);
 # "waiting": the run waits (a sleep, a signal, its children) and holds no lease.
@@ -125,14 +124,15 @@ class Execution:
         self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
-        self._telemetry = Telemetry()
-        self._telemetry_written_at = 0.0
-        self._telemetry_due: anyio.Event | None = None
-        self._spawn = spawn
+        self._telemetry = TelemetryBuffer(
+            store=lambda telemetry: self._write(lambda: self._storage.save_telemetry(self.lease, telemetry)),
+            report=self._report,
+            lease_gone=self._telemetry_refused,
+            spawn=spawn,
+        )
         self._on_body_done = on_body_done
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._flusher = anyio.CancelScope()
         self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -159,7 +159,7 @@ class Execution:
             if self.stop_reason is None:
                 outcome = await self._run_job()
         self._finishing = True
-        self._flusher.cancel()  # the outcome write below carries what is left
+        self._telemetry.close()  # the outcome write below carries what is left
         self._on_body_done(self)
         with anyio.CancelScope(shield=True):
             if outcome is None or self.stop_reason is not None:
@@ -207,7 +207,7 @@ class Execution:
 
     async def _finish(self, outcome: Outcome, *, duration: float) -> None:
         output, error, failed_step, cause = outcome
-        telemetry = self._take_telemetry()
+        telemetry = self._telemetry.take()
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
         held: object
         try:
@@ -246,7 +246,7 @@ class Execution:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
             try:
-                await self._bounded(self._storage.release_lease(self.lease, self._take_telemetry()))
+                await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
             except StorageError as exc:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason == "cancelled":
@@ -282,6 +282,9 @@ class Execution:
 
     def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
         return bounded(call, self._storage_timeout, f"run {self.run_id}")
+
+    async def _telemetry_refused(self) -> None:
+        self.stop(await self.why_lease_gone())
 
     async def _lease_gone(self) -> None:
         """Stop this execution because a fenced write was refused."""
@@ -374,7 +377,7 @@ class Execution:
         When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
         """
         self._end_replay()
-        telemetry = self._take_telemetry()
+        telemetry = self._telemetry.take()
         result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
         if result.state == "lost":
             await self._lease_gone()
@@ -411,7 +414,7 @@ class Execution:
                 ),
             )
             output = encode_result(name, value, type_)
-            telemetry = self._take_telemetry()
+            telemetry = self._telemetry.take()
             done = record(output=output, completed_at=_clock.now(), attempts=attempts.count)
             held = await self._store(lambda: self._storage.save_step(self.lease, done, telemetry))
         except Exception as exc:
@@ -444,7 +447,7 @@ class Execution:
             error=failed.error,
             retry_in=delay,
         )
-        telemetry = self._take_telemetry()
+        telemetry = self._telemetry.take()
         if delay <= self._lease_seconds:
             if not await self._store(lambda: self._storage.save_step(self.lease, failed, telemetry)):
                 await self._lease_gone()
@@ -458,7 +461,7 @@ class Execution:
 
     async def _step_failed(self, record: StepRecord, exc: Exception) -> None:
         self._step_errors.append((exc, record.name))
-        telemetry = self._take_telemetry()
+        telemetry = self._telemetry.take()
         if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
             await self._lease_gone()
         self._emit(StepFailEvent, step_name=record.name, step_index=record.index, error=record.error)
@@ -503,8 +506,7 @@ class Execution:
             self._held_progress = progress
             return
         self._emit(RunProgressEvent, progress=progress)
-        self._telemetry.progress = progress
-        self._telemetry_changed()
+        self._telemetry.add_progress(progress)
 
     def _record_log(self, entry: LogEntry) -> None:
         skip = self._logs_to_skip.get(entry.step_name, 0)
@@ -518,51 +520,4 @@ class Execution:
             message=entry.message,
             data=entry.data,
         )
-        self._telemetry.logs.append(entry)
-        self._telemetry_changed()
-
-    def _take_telemetry(self) -> Telemetry:
-        if not self._telemetry:
-            return _NO_TELEMETRY
-        telemetry, self._telemetry = self._telemetry, Telemetry()
-        self._telemetry_written_at = time.monotonic()
-        return telemetry
-
-    def _put_back(self, unstored: Telemetry) -> None:
-        """Progress and logs a failed write did not store ride along with the next one."""
-        self._telemetry.logs[:0] = unstored.logs
-        if self._telemetry.progress is None:
-            self._telemetry.progress = unstored.progress
-
-    def _telemetry_changed(self) -> None:
-        if self._finishing:
-            return  # the outcome write carries it
-        if self._telemetry_due is None:
-            self._telemetry_due = anyio.Event()
-            self._spawn(self._flush_telemetry)
-        self._telemetry_due.set()
-
-    async def _flush_telemetry(self) -> None:
-        with self._flusher:
-            await self._flush_telemetry_forever()
-
-    async def _flush_telemetry_forever(self) -> None:
-        while True:
-            assert self._telemetry_due is not None
-            await self._telemetry_due.wait()
-            delay = self._telemetry_written_at + _TELEMETRY_PERIOD - time.monotonic()
-            if delay > 0:
-                await anyio.sleep(delay)
-            self._telemetry_due = anyio.Event()
-            telemetry = self._take_telemetry()
-            if not telemetry:
-                continue
-            try:
-                held = await self._write(lambda t=telemetry: self._storage.save_telemetry(self.lease, t))  # type: ignore[misc]
-            except StorageError as exc:
-                self._report(exc, "storing progress and logs (kept for the next write)")
-                self._put_back(telemetry)
-                continue
-            if not held:
-                self.stop(await self.why_lease_gone())
-                return
+        self._telemetry.add_log(entry)
