@@ -5,12 +5,10 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import anyio
-import msgspec
 
 from durably import _codec
 from durably._clock import to_datetime
@@ -27,133 +25,24 @@ from durably._storage._protocol import (
     WaitRequest,
     WaitResult,
 )
+from durably._storage._rows import (
+    RUN_WIDTH,
+    Resumed,
+    as_float,
+    as_int,
+    as_json,
+    as_text,
+    as_time,
+    claimed_run,
+    run_from_row,
+)
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 from durably.errors import ConflictError, NotFoundError, StorageError
 
-_RUN_WIDTH = len(q.RUN_COLUMNS.split(","))
 # A run whose lease ended under a given generation, leaving it in a given status.
 _ENDED_AS = "SELECT 1 FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = ?"
 _NOTHING = Telemetry()  # never changed: a write that carries no progress or logs
 _MIGRATE_PATIENCE = 60.0  # seconds a migration waits for other writers before giving up
-
-
-def _text(value: Value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _int(value: Value) -> int:
-    return int(value or 0)
-
-
-def _float(value: Value) -> float | None:
-    return None if value is None else float(value)
-
-
-def _json(value: Value) -> Any:
-    return None if value is None else _codec.decode(_text(value))
-
-
-class UndecodableError(StorageError):
-    """A stored column that cannot be read back (corrupt, or edited by hand); names it and the run."""
-
-
-# What reading a corrupt or hand-edited row can raise.
-_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, TypeError, OverflowError, OSError)
-
-
-def _column(name: str, row: Row, read: Callable[[Value], Any], value: Value) -> Any:
-    try:
-        return read(value)
-    except _DECODE_ERRORS as exc:
-        raise UndecodableError(f"column {name} of run {_text(row[0])!r} cannot be decoded: {exc}") from exc
-
-
-def _progress(value: Value) -> Progress | None:
-    return None if value is None else _codec.decode_as(_text(value), Progress)
-
-
-def _time(value: Value) -> datetime | None:
-    return to_datetime(_float(value))
-
-
-def _run_from_row(row: Row, disposition: str | None = None) -> Run:
-    """A run from its columns; ``UndecodableError`` naming the column that does not decode."""
-    return Run(
-        id=_text(row[0]),
-        job_name=_text(row[1]),
-        status=_text(row[2]),  # type: ignore[arg-type]
-        input=_column("input", row, _json, row[3]),
-        output=_column("output", row, _json, row[4]),
-        error=None if row[5] is None else _text(row[5]),
-        progress=_column("progress", row, _progress, row[6]),
-        labels=_column("labels", row, _json, row[7]) or {},
-        idempotency_key=None if row[8] is None else _text(row[8]),
-        concurrency_key=None if row[9] is None else _text(row[9]),
-        attempt=_column("attempt", row, _int, row[10]) or 1,
-        created_at=_column("created_at", row, _time, row[11]),
-        started_at=_column("started_at", row, _time, row[12]),
-        completed_at=_column("completed_at", row, _time, row[13]),
-        priority=_column("priority", row, _int, row[14]),
-        wake_at=_column("wake_at", row, _time, row[15]),
-        waiting_for=None if row[16] is None else _text(row[16]),
-        parent_run_id=None if row[17] is None else _text(row[17]),
-        disposition=disposition,  # type: ignore[arg-type]
-    )
-
-
-def _claimed(row: Row, resumed: _Resumed) -> ClaimedRun:
-    """A claimed run; one whose row does not decode carries the error it is to be failed with."""
-    generation = _int(row[_RUN_WIDTH])
-    run_id = _text(row[0])
-    try:
-        run = _run_from_row(row[:_RUN_WIDTH])
-    except UndecodableError as exc:
-        # The run is leased to this worker now: it fails, the rest of the claim goes on.
-        bare = Run(
-            id=run_id,
-            job_name=_text(row[1]),
-            status="leased",
-            input=None,
-            created_at=to_datetime(0.0),  # type: ignore[arg-type]
-        )
-        return ClaimedRun(run=bare, lease_generation=generation, steps={}, error=str(exc))
-    return ClaimedRun(
-        run=run,
-        lease_generation=generation,
-        steps=resumed.steps.get(run_id, {}),
-        log_counts=resumed.log_counts.get(run_id, {}),
-        step_attempts=resumed.step_attempts.get(run_id, {}),
-        error=resumed.errors.get(run_id),
-        trace_context=None if row[_RUN_WIDTH + 1] is None else _text(row[_RUN_WIDTH + 1]),
-    )
-
-
-class _Resumed:
-    """What resumed runs have stored: completed steps, log lines per step, decoding errors."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, dict[str, tuple[int, bytes]]] = {}
-        self.log_counts: dict[str, dict[str | None, int]] = {}
-        self.errors: dict[str, str] = {}
-        self.step_attempts: dict[str, dict[str, int]] = {}
-
-    def add_steps(self, rows: list[Row]) -> None:
-        for run_id, name, index, output in rows:
-            try:
-                self.steps.setdefault(_text(run_id), {})[_text(name)] = (int(index), _text(output).encode())  # type: ignore[arg-type]
-            except _DECODE_ERRORS as exc:
-                self.errors[_text(run_id)] = (
-                    f"stored step {_text(name)!r} of run {_text(run_id)!r} cannot be decoded: {exc}"
-                )
-
-    def add_step_attempts(self, rows: list[Row]) -> None:
-        for run_id, name, attempts in rows:
-            self.step_attempts.setdefault(_text(run_id), {})[_text(name)] = _int(attempts)
-
-    def add_log_counts(self, rows: list[Row]) -> None:
-        for run_id, step_name, count in rows:
-            step = None if step_name is None else _text(step_name)
-            self.log_counts.setdefault(_text(run_id), {})[step] = _int(count)
 
 
 def _progress_json(progress: Progress | None) -> str | None:
@@ -253,7 +142,7 @@ class SqlStorage:
 
     async def _schema_version(self) -> int:
         rows = await self._driver.read(q.SCHEMA_VERSION)
-        return _int(rows[0][0])
+        return as_int(rows[0][0])
 
     async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
         statements: list[Statement] = []
@@ -278,7 +167,7 @@ class SqlStorage:
         # this very request whose answer the connection lost (SPEC §15); another id is an
         # earlier run with the same idempotency key.
         return [
-            _run_from_row(found[run.id], "created" if _text(found[run.id][0]) == run.id else "idempotent")
+            run_from_row(found[run.id], "created" if as_text(found[run.id][0]) == run.id else "idempotent")
             for run in runs
         ]
 
@@ -307,11 +196,11 @@ class SqlStorage:
                 (q.STEP_ATTEMPTS, (owner,)),
             ]
         )
-        resumed = _Resumed()
+        resumed = Resumed()
         resumed.add_steps(steps)
         resumed.add_log_counts(log_counts)
         resumed.add_step_attempts(attempts)
-        claimed = [_claimed(row, resumed) for row in runs]
+        claimed = [claimed_run(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
 
@@ -321,7 +210,7 @@ class SqlStorage:
         ids = _codec.encode([lease.run_id for lease in leases]).decode()
         pairs = _codec.encode([f"{lease.run_id}:{lease.generation}" for lease in leases]).decode()
         [rows] = await self._driver.write([(q.RENEW_LEASES, (lease_seconds, ids, pairs))])
-        return {_text(row[0]) for row in rows}
+        return {as_text(row[0]) for row in rows}
 
     async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry, *after: Statement) -> bool:
         # Logs first: once ``main`` ends the lease, their guard would refuse them.
@@ -387,11 +276,11 @@ class SqlStorage:
         rows = results[-1]
         if not rows:  # perhaps an earlier send landed and its answer was lost (SPEC §15)
             [rows] = await self._driver.write([(q.WOKEN_LATER, (lease.run_id, lease.generation))])
-        return _time(rows[0][0]) if rows else None
+        return as_time(rows[0][0]) if rows else None
 
     async def get_run(self, run_id: str) -> Run | None:
         rows = await self._driver.read(q.SELECT_RUN_BY_ID, (run_id,))
-        return _run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0]) if rows else None
 
     async def get_runs(self, run_filter: RunFilter) -> list[Run]:
         where: list[str] = []
@@ -411,15 +300,15 @@ class SqlStorage:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
         params.extend((run_filter.limit, run_filter.offset))
-        return [_run_from_row(row) for row in await self._driver.read(sql, params)]
+        return [run_from_row(row) for row in await self._driver.read(sql, params)]
 
     async def get_run_changes(self, cursor: int | None, *, limit: int) -> RunChanges:
         if cursor is None:
             rows = await self._driver.read(q.LATEST_CHANGE)
-            return RunChanges(runs=[], cursor=_int(rows[0][0]))
+            return RunChanges(runs=[], cursor=as_int(rows[0][0]))
         rows = await self._driver.read(q.RUN_CHANGES, (cursor, limit))
-        runs = [_run_from_row(row[:_RUN_WIDTH]) for row in rows]
-        return RunChanges(runs=runs, cursor=_int(rows[-1][_RUN_WIDTH]) if rows else cursor)
+        runs = [run_from_row(row[:RUN_WIDTH]) for row in rows]
+        return RunChanges(runs=runs, cursor=as_int(rows[-1][RUN_WIDTH]) if rows else cursor)
 
     async def _require_run(self, run_id: str) -> None:
         if not await self._driver.read(q.RUN_EXISTS, (run_id,)):
@@ -431,13 +320,13 @@ class SqlStorage:
             await self._require_run(run_id)
         return [
             Step(
-                name=_text(name),
-                index=_int(index),
-                status=_text(status),  # type: ignore[arg-type]
-                output=_json(output),
-                error=None if error is None else _text(error),
-                started_at=to_datetime(_float(started)),
-                completed_at=to_datetime(_float(completed)),
+                name=as_text(name),
+                index=as_int(index),
+                status=as_text(status),  # type: ignore[arg-type]
+                output=as_json(output),
+                error=None if error is None else as_text(error),
+                started_at=to_datetime(as_float(started)),
+                completed_at=to_datetime(as_float(completed)),
             )
             for name, index, status, output, error, started, completed in rows
         ]
@@ -448,11 +337,11 @@ class SqlStorage:
             await self._require_run(run_id)
         return [
             LogEntry(
-                step_name=None if step is None else _text(step),
-                level=_text(level),  # type: ignore[arg-type]
-                message=_text(message),
-                data=_json(data) or {},
-                created_at=to_datetime(_float(created)),
+                step_name=None if step is None else as_text(step),
+                level=as_text(level),  # type: ignore[arg-type]
+                message=as_text(message),
+                data=as_json(data) or {},
+                created_at=to_datetime(as_float(created)),
             )
             for step, level, message, data, created in rows
         ]
@@ -461,7 +350,7 @@ class SqlStorage:
         changed, current = await self._driver.write([(sql, (run_id,)), (q.SELECT_RUN_BY_ID, (run_id,))])
         if not current:
             raise NotFoundError(f"no run with id {run_id!r}")
-        return _run_from_row(current[0]), bool(changed)
+        return run_from_row(current[0]), bool(changed)
 
     async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
         changed, _, _, current = await self._driver.write(
@@ -474,7 +363,7 @@ class SqlStorage:
         )
         if not current:
             raise NotFoundError(f"no run with id {run_id!r}")
-        run = _run_from_row(current[0])
+        run = run_from_row(current[0])
         if not changed and run.status != "cancelled":
             raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
         return run, bool(changed)
@@ -493,7 +382,7 @@ class SqlStorage:
         )
         if not current:
             raise NotFoundError(f"no run with id {run_id!r}")
-        run = _run_from_row(current[0])
+        run = run_from_row(current[0])
         if not stored:
             raise ConflictError(f"run {run_id} is {run.status}: an ended run takes no signals")
         return run
@@ -503,11 +392,11 @@ class SqlStorage:
         _, rows = await self._driver.write(
             [(q.REGISTER_SCHEDULES, (encoded,)), (q.SCHEDULES_REGISTERED, (encoded,))]
         )
-        return {_text(name): float(at or 0) for name, at in rows}
+        return {as_text(name): float(at or 0) for name, at in rows}
 
     async def next_wake_at(self, job_names: Sequence[str]) -> float | None:
         rows = await self._driver.read(q.NEXT_WAKE_AT, (_codec.encode(list(job_names)).decode(),))
-        return _float(rows[0][0]) if rows else None
+        return as_float(rows[0][0]) if rows else None
 
     async def retry_run(self, run_id: str) -> Run:
         run, changed = await self._change_status(q.RETRY_RUN, run_id)
@@ -528,10 +417,10 @@ class SqlStorage:
         )
         deleted, remaining = results[-2], results[-1]
         if deleted:
-            return _run_from_row(deleted[0])
+            return run_from_row(deleted[0])
         if not remaining:
             raise NotFoundError(f"no run with id {run_id!r}")
-        status = _text(remaining[0][2])
+        status = as_text(remaining[0][2])
         raise ConflictError(f"run {run_id} is {status}; only ended runs can be deleted")
 
     async def purge_runs(self, *, completed_before: datetime, limit: int) -> int:
