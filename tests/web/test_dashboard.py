@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from durably import Durably
 
 from .app import make
-from .conftest import free_port
+from .conftest import free_port, wait_until_serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -85,16 +84,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/api/jobs", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"durably serve did not come up:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.1)
+        wait_until_serving(f"{url}/api/jobs", server, root / "server.log")
         yield Stack(url, db, root)
     finally:
         (root / "stop").touch()

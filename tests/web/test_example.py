@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +29,7 @@ def test_the_fastapi_example_triggers_from_its_own_endpoint_and_serves_the_dashb
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{base}/durably/api/jobs", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_until_serving(f"{base}/durably/api/jobs", process, log)
 
         answer = httpx.post(f"{base}/reports", json={"customer": "acme"})
         assert answer.status_code == 202, answer.text

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,7 @@ def test_serve_with_a_worker_executes_runs_and_stops_gracefully(tmp_path: Path) 
         process = subprocess.Popen([*command, "--worker"], cwd=ROOT, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{base}/api/jobs", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_until_serving(f"{base}/api/jobs", process, log)
         run = httpx.post(f"{base}/api/jobs/greet/trigger", json={"input": {"name": "cli"}}).json()
         deadline = time.monotonic() + 15
         while (current := httpx.get(f"{base}/api/runs/{run['id']}").json())["status"] != "completed":
