@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from durably._models import LogEntry, Progress, Run, RunResult
 from durably._retry import RetryPolicy, check_policy
-from durably._waiting import check_timeout
+from durably._waiters import check_timeout
 from durably.errors import ConfigurationError
 
 if TYPE_CHECKING:

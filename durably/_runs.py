@@ -26,7 +26,7 @@ from durably._job import JobDefinition
 from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
 from durably._storage._protocol import RunFilter, Storage
 from durably._triggering import check_labels, check_text, new_runs
-from durably._waiting import Outcome, Waiters, check_timeout
+from durably._waiters import Outcome, Waiters, check_timeout
 from durably.errors import (
     NotFoundError,
     RunCancelledError,

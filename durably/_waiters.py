@@ -1,4 +1,5 @@
-"""Waiting for runs to end: in-process signals first, polling for runs executed elsewhere."""
+"""Waiting for runs to end (``trigger_and_wait``, ``wait_for_run``): in-process signals first,
+polling for runs executed elsewhere. (A run that itself waits is ``_waits.py``.)"""
 
 from __future__ import annotations
 
