@@ -14,6 +14,7 @@ import durably.adapters._remote  # noqa: F401  (aiohttp's first import, ~0.5 s u
 from durably import Durably, create_durably, open_storage
 from durably._storage._protocol import Storage
 
+from .support.proxy import TcpProxy
 from .support.sqld import SqldServer
 
 SLOW_CALLBACK_SECONDS = 0.5
@@ -121,3 +122,18 @@ async def make_durably(database: Database) -> AsyncIterator[Callable[..., Durabl
     finally:
         for instance in made:
             await instance.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[SqldServer]:
+    """A fresh sqld of the test's own (for tests that need the server itself: kill, proxy)."""
+    with SqldServer(tmp_path / "sqld") as srv:
+        yield srv
+
+
+@pytest.fixture
+def proxy(server: SqldServer) -> Iterator[TcpProxy]:
+    """A fault proxy in front of ``server`` (modules may override it with another kind)."""
+    assert server.port is not None
+    with TcpProxy("127.0.0.1", server.port) as front:
+        yield front

@@ -36,3 +36,9 @@ async def process_image(step: StepContext, payload: ImageIn) -> ImageOut:
 @define_job(name="echo", input=dict[str, Any])
 async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
     return payload
+
+
+@define_job(name="echo", input=dict[str, Any])
+async def stored_echo(step: StepContext, payload: dict[str, Any]) -> Any:
+    """``echo`` whose answer is stored as a step: a run that writes once before completing."""
+    return await step.run("echo", lambda: payload)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -30,12 +29,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 # One operation of one statement in a group: SAVEPOINT, the statement, ROLLBACK TO, RELEASE.
 _STEPS_PER_OPERATION = 4
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[SqldServer]:
-    with SqldServer(tmp_path / "sqld") as srv:
-        yield srv
 
 
 @pytest.fixture

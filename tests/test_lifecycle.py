@@ -17,11 +17,7 @@ import pytest
 from durably import Durably, StepContext, create_durably, define_job
 
 from .conftest import Database
-
-
-@define_job(name="echo", input=dict[str, Any])
-async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
-    return await step.run("echo", lambda: payload)
+from .jobs import stored_echo as echo
 
 
 @pytest.mark.anyio

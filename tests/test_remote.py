@@ -25,6 +25,7 @@ from durably._models import Step
 from durably._storage._protocol import Storage
 from durably.adapters import EmbeddedReplicaStorage, RemoteStorage
 
+from .jobs import stored_echo as echo
 from .support.proxy import TcpProxy
 from .support.sqld import SqldServer, free_port, make_ed25519_auth
 
@@ -34,25 +35,7 @@ STALE = 1.0
 HEARTBEAT = 0.2
 
 
-@define_job(name="echo", input=dict[str, Any])
-async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
-    return await step.run("echo", lambda: payload)
-
-
 # --- fixtures and helpers ------------------------------------------------------------
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[SqldServer]:
-    with SqldServer(tmp_path / "sqld") as srv:
-        yield srv
-
-
-@pytest.fixture
-def proxy(server: SqldServer) -> Iterator[TcpProxy]:
-    assert server.port is not None
-    with TcpProxy("127.0.0.1", server.port) as front:
-        yield front
 
 
 class AuthServer:

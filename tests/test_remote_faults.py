@@ -11,7 +11,6 @@ import gc
 import sqlite3
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +18,17 @@ import aiohttp
 import anyio
 import pytest
 
-from durably import ConfigurationError, StepContext, StorageError, create_durably, define_job, open_storage
+from durably import ConfigurationError, StorageError, create_durably, open_storage
 from durably._ids import new_run_id
 from durably._models import NewRun
 from durably._storage._protocol import Lease, RunFilter, Telemetry
 from durably.adapters._remote import RemoteDriver
 
+from .jobs import stored_echo as echo
 from .support.proxy import TcpProxy
 from .support.sqld import SqldServer, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@define_job(name="echo", input=dict[str, Any])
-async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
-    return await step.run("echo", lambda: payload)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[SqldServer]:
-    with SqldServer(tmp_path / "sqld") as srv:
-        yield srv
-
-
-@pytest.fixture
-def proxy(server: SqldServer) -> Iterator[TcpProxy]:
-    assert server.port is not None
-    with TcpProxy("127.0.0.1", server.port) as front:
-        yield front
 
 
 def _http(status: str, body: bytes, length: int | None = None) -> bytes:

@@ -30,12 +30,6 @@ _SYNC = "/wal_log."  # libsql's replication requests; Hrana is /v2/pipeline
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[SqldServer]:
-    with SqldServer(tmp_path / "sqld") as srv:
-        yield srv
-
-
-@pytest.fixture
 def proxy(server: SqldServer) -> Iterator[ProxyProcess]:
     assert server.port is not None
     with ProxyProcess("127.0.0.1", server.port) as front:

@@ -22,6 +22,8 @@ from durably import (
 )
 from durably._events import Event
 
+from .jobs import echo
+
 pytestmark = pytest.mark.anyio
 
 
@@ -116,11 +118,6 @@ async def test_cancel_of_a_waiting_run_is_immediate(make_durably: Callable[..., 
 
 
 # --- trigger options --------------------------------------------------------------------
-
-
-@define_job(name="echo", input=dict[str, Any])
-async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
-    return payload
 
 
 async def test_delayed_and_prioritised_triggers(make_durably: Callable[..., Durably]) -> None:

@@ -14,12 +14,9 @@ import structlog
 from durably import Durably, StepContext, StorageError, create_durably, define_job
 from durably._events import WorkerErrorEvent
 
+from .jobs import stored_echo as echo
+
 pytestmark = pytest.mark.anyio
-
-
-@define_job(name="echo", input=dict[str, Any])
-async def echo(step: StepContext, payload: dict[str, Any]) -> Any:
-    return await step.run("echo", lambda: payload)
 
 
 def _edit(path: Path, sql: str, *params: Any) -> None:
