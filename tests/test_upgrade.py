@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from durably import StepContext, create_durably, define_job
+from durably import create_durably
 from durably._storage._protocol import RunFilter
 from durably._storage._schema import LATEST_VERSION
 from durably._storage._sql import SqlStorage
 
 from .conftest import Database
+from .fixtures.make_release_db import job as legacy  # the job 0.1.0 ran, unchanged
 
 pytestmark = pytest.mark.anyio
 
@@ -64,20 +65,6 @@ def _columns() -> dict[str, list[str]]:
         return {table: [row[1] for row in conn.execute(f"PRAGMA table_info({table})")] for table in TABLES}
     finally:
         conn.close()
-
-
-async def _legacy(step: StepContext, payload: dict[str, Any]) -> dict[str, Any]:
-    """The job of tests/fixtures/make_release_db.py, unchanged."""
-    step.log.info("starting", n=payload["n"])
-    a = await step.run("a", lambda: {"a": payload["n"]})
-    step.progress(1, 2, "half")
-    if payload.get("fail"):
-        await step.run("boom", lambda: 1 / 0)
-    await step.run("b", lambda: a["a"] * 2)
-    return {"ok": True, "n": payload["n"]}
-
-
-legacy = define_job(name="legacy", input=dict[str, Any], run=_legacy)
 
 
 async def test_the_release_database_upgrades_and_its_runs_execute(database: Database) -> None:
