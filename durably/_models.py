@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 import msgspec
 
 __all__ = [
     "ClaimedRun",
     "Disposition",
+    "Finished",
     "LogEntry",
     "LogLevel",
     "NewRun",
@@ -25,6 +27,9 @@ RunStatus = Literal["pending", "leased", "waiting", "completed", "failed", "canc
 StepStatus = Literal["completed", "failed"]
 LogLevel = Literal["info", "warn", "error"]
 Disposition = Literal["created", "idempotent"]
+
+# Told when a run executed or cancelled here ends: (run id, status, output JSON, error).
+Finished: TypeAlias = Callable[[str, str, bytes | None, str | None], None]
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 

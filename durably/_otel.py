@@ -22,11 +22,10 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Link, Span
 
-    from durably._models import ClaimedRun, NewRun
+    from durably._models import ClaimedRun, Finished, NewRun
 
 __all__ = ["Otel", "RunTrace", "force_off"]
 
-Finished = Callable[[str, str, bytes | None, str | None], None]
 
 _NULL: AbstractContextManager[None] = nullcontext()
 _ENDING_STATUSES = frozenset({"completed", "failed", "cancelled"})

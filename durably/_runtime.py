@@ -34,7 +34,7 @@ from durably._events import (
     StepStartEvent,
     WorkerErrorEvent,
 )
-from durably._models import ClaimedRun, LogEntry, LogLevel, Progress
+from durably._models import ClaimedRun, Finished, LogEntry, LogLevel, Progress
 from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, WaitRequest, WaitResult
@@ -58,7 +58,6 @@ StopReason = Literal[
 ]
 # The end of a job body: (output JSON, error, failed step, the exception behind the error).
 Outcome = tuple[bytes | None, str | None, str | None, Exception | None]
-Finished = Callable[[str, str, bytes | None, str | None], None]
 
 
 def describe(exc: BaseException) -> str:

@@ -12,8 +12,8 @@ import structlog
 
 from durably import _otel
 from durably._events import EventBus, WorkerErrorEvent
-from durably._models import ClaimedRun
-from durably._runtime import Execution, Finished, bounded, describe
+from durably._models import ClaimedRun, Finished
+from durably._runtime import Execution, bounded, describe
 from durably._storage._protocol import Storage
 from durably.errors import StorageError
 
