@@ -183,23 +183,22 @@ class SqlStorage:
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
     ) -> list[ClaimedRun]:
-        # A one-off lease owner names this claim's runs, so their stored steps, log counts and
-        # step attempts are read in the claim's own request (on the primary: a replica may lag), after it:
-        # no one else can write steps for a run whose lease this worker now holds.
+        # The claim alone is one statement: no transaction on a local file, and an idle poll or
+        # a fresh run (generation 1: nothing stored) costs nothing more. Only resumed runs have
+        # steps, log counts and step attempts to read, in a second request (on the primary: a
+        # replica may lag) naming them by this claim's one-off lease owner. No one else writes
+        # steps for a run whose lease this worker now holds, so nothing comes between.
         owner = f"{worker_id}/{secrets.token_hex(6)}"
         params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
-        runs, steps, log_counts, attempts = await self._driver.write(
-            [
-                (q.CLAIM_RUNS, params),
-                (q.COMPLETED_STEPS, (owner,)),
-                (q.LOG_COUNTS, (owner,)),
-                (q.STEP_ATTEMPTS, (owner,)),
-            ]
-        )
+        [runs] = await self._driver.write([(q.CLAIM_RUNS, params)])
         resumed = Resumed()
-        resumed.add_steps(steps)
-        resumed.add_log_counts(log_counts)
-        resumed.add_step_attempts(attempts)
+        if any(as_int(row[RUN_WIDTH]) > 1 for row in runs):
+            steps, log_counts, attempts = await self._driver.read_primary(
+                [(q.COMPLETED_STEPS, (owner,)), (q.LOG_COUNTS, (owner,)), (q.STEP_ATTEMPTS, (owner,))]
+            )
+            resumed.add_steps(steps)
+            resumed.add_log_counts(log_counts)
+            resumed.add_step_attempts(attempts)
         claimed = [claimed_run(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
         return claimed
