@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from durably._ids import new_run_id
 from durably._models import LogEntry, NewRun, Progress
 from durably._storage import _queries as q
 from durably._storage._protocol import Lease, RunFilter, StepRecord, Storage, Telemetry
-from durably._storage._schema import LATEST_VERSION, MIGRATIONS
+from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 
@@ -86,6 +87,38 @@ async def test_a_run_changed_twice_comes_once_and_limit_pages_the_rest(storage: 
     assert (await storage.get_run_changes(rest.cursor, limit=3)).runs == []
 
 
+async def test_runs_claimed_together_are_all_seen_whatever_the_page_size(storage: Storage) -> None:
+    runs = await storage.create_runs([_new() for _ in range(3)])
+    cursor = (await storage.get_run_changes(None, limit=10)).cursor
+    claimed = await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=3, lease_seconds=30)
+    assert len(claimed) == 3
+    seen: list[tuple[str, str]] = []
+    for _ in range(4):
+        changes = await storage.get_run_changes(cursor, limit=1)
+        seen += [(run.id, run.status) for run in changes.runs]
+        cursor = changes.cursor
+    assert sorted(seen) == sorted((run.id, "leased") for run in runs)
+
+
+def _assignments(sql: str) -> str:
+    """What an ``UPDATE durably_runs`` sets, or the columns an ``INSERT INTO durably_runs`` names."""
+    statement = r"(?:UPDATE durably_runs SET|INSERT INTO durably_runs)(.*?)(?:\bWHERE\b|\bVALUES\b)"
+    found = re.search(statement, sql, re.S)
+    return found.group(1) if found else ""
+
+
+def test_every_statement_that_changes_what_a_run_shows_moves_its_change() -> None:
+    # The triggers that did this are gone (schema v4): a statement that forgets is a change the
+    # dashboards never see.
+    shown = re.compile(r"\b(status|progress|attempt|output|error)\s*=|\(id,")
+    writers = {
+        name: sql for name, sql in vars(q).items() if isinstance(sql, str) and shown.search(_assignments(sql))
+    }
+    assert {"INSERT_RUN", "CLAIM_RUNS", "COMPLETE_RUN", "SAVE_PROGRESS", "SUSPEND_RUN"} <= set(writers)
+    forgot = [name for name, sql in writers.items() if "change_seq =" not in sql and "change_seq)" not in sql]
+    assert forgot == []
+
+
 async def test_get_runs_pages_by_cursor_even_when_the_cursor_run_is_gone(storage: Storage) -> None:
     runs = await storage.create_runs([_new() for _ in range(5)])
     newest_first = [r.id for r in reversed(runs)]
@@ -145,6 +178,14 @@ def _dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
         conn.close()
 
 
+def _column_of(path: Path, sql: str) -> list[object]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[0] for row in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
 async def test_the_released_v1_database_upgrades_keeping_every_row(tmp_path: Path) -> None:
     path = tmp_path / "release.db"
     shutil.copy(RELEASE_DB, path)
@@ -172,9 +213,36 @@ async def test_the_released_v1_database_upgrades_keeping_every_row(tmp_path: Pat
         assert [r.id for r in (await storage.get_run_changes(old.cursor, limit=10)).runs] == [new.id]
     finally:
         await storage.close()
-    conn = sqlite3.connect(path)
+    versions = _column_of(path, "SELECT version FROM durably_schema_versions")
+    assert versions == list(range(1, LATEST_VERSION + 1))
+
+
+async def test_a_v3_database_upgrades_to_statements_that_move_the_change_themselves(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
     try:
-        versions = [row[0] for row in conn.execute("SELECT version FROM durably_schema_versions")]
+        conn.execute(CREATE_VERSION_TABLE)
+        for version, statements in enumerate(MIGRATIONS[:3], start=1):
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(q.RECORD_VERSION, (version,))
+        conn.execute(
+            "INSERT INTO durably_runs (id, job_name, status, input, created_at)"
+            " VALUES ('old', 'job-a', 'pending', '{}', 0)"
+        )
     finally:
         conn.close()
-    assert versions == list(range(1, LATEST_VERSION + 1))
+    storage = open_storage(f"file:{path}")
+    try:
+        await storage.migrate()
+        cursor = (await storage.get_run_changes(None, limit=10)).cursor
+        assert cursor > 0  # the old run's change, made by the v2 trigger
+        [new] = await storage.create_runs([_new("job-b")])
+        ids, cursor = await _changed(storage, cursor)
+        assert ids == [new.id]
+        await _lease(storage)
+        assert (await _changed(storage, cursor))[0] == ["old"]
+    finally:
+        await storage.close()
+    triggers = _column_of(path, "SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    assert sorted(triggers) == ["durably_logs_inserted", "durably_steps_inserted", "durably_steps_updated"]

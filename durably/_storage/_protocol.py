@@ -240,7 +240,8 @@ class Storage(Protocol):
         step or log line stored for it, moves the run past all cursors handed out
         before, so polling with the returned ``cursor`` sees each later change once
         (a run changed twice between polls comes once, as it is now). At most
-        ``limit`` runs come back; when ``limit`` came, call again at once. ``None``
+        ``limit`` runs come back, more only when runs changed together (one claim of
+        several) share the last change; when ``limit`` came, call again at once. ``None``
         returns no runs and the current cursor: the place to start watching from.
         Deleted runs are not reported.
         """

@@ -17,12 +17,18 @@ TERMINAL = "('completed', 'failed', 'cancelled')"
 HELD = "id = ? AND status = 'leased' AND lease_generation = ?"
 LEASE_IS_HELD = f"EXISTS (SELECT 1 FROM durably_runs WHERE {HELD})"
 
+# The change feed's next value (schema v2, v4): every statement that makes a visible change
+# to a run row (its status, progress, attempt, output or error) sets change_seq to it, in the
+# write it makes anyway. Writers are serialised, so it never repeats across statements and
+# never goes back; the rows one statement changes share it (get_run_changes reads ties whole).
+NEXT_CHANGE = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM durably_runs)"
+
 INSERT_RUN = f"""
 INSERT INTO durably_runs
     (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
-     priority, wake_at, parent_run_id, trace_context)
+     priority, wake_at, parent_run_id, trace_context, change_seq)
 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, {NOW},
-        ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11)
+        ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11, {NEXT_CHANGE})
 ON CONFLICT DO NOTHING
 RETURNING {RUN_COLUMNS}"""
 
@@ -56,7 +62,8 @@ UPDATE durably_runs SET
     lease_expires_at = {NOW} + ?2,
     started_at = COALESCE(started_at, {NOW}),
     wake_at = NULL,
-    waiting_for = NULL
+    waiting_for = NULL,
+    change_seq = {NEXT_CHANGE}
 WHERE seq IN (
     SELECT seq FROM durably_runs
     WHERE status = 'leased' AND lease_expires_at <= {NOW}
@@ -79,7 +86,7 @@ WHERE seq IN (
 RETURNING {RUN_COLUMNS}, lease_generation, trace_context"""
 
 # The resumed runs (claimed before) of one claim, named by its one-off lease owner (?1):
-# found among the few leased runs (durably_runs_status), in the claim's own request.
+# found among the few leased runs (durably_runs_status), read only after a claim that has one.
 _RESUMED_BY = """SELECT id FROM durably_runs
     WHERE status = 'leased' AND lease_owner = ?1 AND lease_generation > 1"""
 
@@ -103,7 +110,7 @@ RETURNING id"""
 
 RELEASE_LEASE = f"""
 UPDATE durably_runs SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-    progress = COALESCE(?, progress)
+    progress = COALESCE(?, progress), change_seq = {NEXT_CHANGE}
 WHERE {HELD} RETURNING 1"""
 
 SAVE_STEP = f"""
@@ -115,7 +122,7 @@ ON CONFLICT (run_id, name) DO UPDATE SET
     completed_at = excluded.completed_at, attempts = excluded.attempts
 RETURNING 1"""
 
-SAVE_PROGRESS = f"UPDATE durably_runs SET progress = ? WHERE {HELD} RETURNING 1"
+SAVE_PROGRESS = f"UPDATE durably_runs SET progress = ?, change_seq = {NEXT_CHANGE} WHERE {HELD} RETURNING 1"
 
 # Log lines travel as one JSON array of [step_name, level, message, data, created_at].
 SAVE_LOGS = f"""
@@ -126,12 +133,12 @@ FROM json_each(?) AS j WHERE {LEASE_IS_HELD}"""
 
 COMPLETE_RUN = f"""
 UPDATE durably_runs SET status = 'completed', output = ?, progress = COALESCE(?, progress), error = NULL,
-    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
+    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL, change_seq = {NEXT_CHANGE}
 WHERE {HELD} RETURNING 1"""
 
 FAIL_RUN = f"""
 UPDATE durably_runs SET status = 'failed', error = ?, progress = COALESCE(?, progress),
-    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL
+    completed_at = {NOW}, lease_owner = NULL, lease_expires_at = NULL, change_seq = {NEXT_CHANGE}
 WHERE {HELD} RETURNING 1"""
 
 # A held run goes back to pending, claimable ?3 seconds from now on the database clock:
@@ -140,7 +147,8 @@ WHERE {HELD} RETURNING 1"""
 WAKE_LATER = f"""
 UPDATE durably_runs SET status = 'pending', attempt = attempt + ?1, error = COALESCE(?2, error),
     wake_at = {NOW} + ?3, progress = COALESCE(?4, progress), lease_owner = NULL,
-    lease_expires_at = NULL, started_at = CASE WHEN ?1 > 0 THEN NULL ELSE started_at END
+    lease_expires_at = NULL, started_at = CASE WHEN ?1 > 0 THEN NULL ELSE started_at END,
+    change_seq = {NEXT_CHANGE}
 WHERE id = ?5 AND status = 'leased' AND lease_generation = ?6 RETURNING wake_at"""
 # Whether an earlier send of WAKE_LATER under this lease landed (its answer was lost).
 WOKEN_LATER = "SELECT wake_at FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = 'pending'"
@@ -152,13 +160,14 @@ WHERE status = 'failed' AND completed_at IS NULL AND run_id IN ({_RESUMED_BY})""
 
 CANCEL_RUN = f"""
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
-    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, change_seq = {NEXT_CHANGE}
 WHERE id = ? AND status IN ('pending', 'leased', 'waiting') RETURNING 1"""
 
-RETRY_RUN = """
+RETRY_RUN = f"""
 UPDATE durably_runs SET status = 'pending', attempt = attempt + 1, output = NULL,
     error = NULL, started_at = NULL, completed_at = NULL,
-    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
+    change_seq = {NEXT_CHANGE}
 WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING 1"""
 
 DELETE_STEPS = f"""
@@ -198,10 +207,15 @@ SELECT_LOGS = """
 SELECT step_name, level, message, data, created_at
 FROM durably_logs WHERE run_id = ? ORDER BY seq"""
 
-# The change feed of dashboards: durably_runs_change makes both an index seek.
+# The change feed of dashboards: durably_runs_change makes both an index seek. The ?2-th
+# change bounds a page, and every run that shares it comes too (the rows one statement
+# changed share their change_seq): a page never ends inside one change.
 RUN_CHANGES = f"""
 SELECT {RUN_COLUMNS}, change_seq FROM durably_runs
-WHERE change_seq > ? ORDER BY change_seq LIMIT ?"""
+WHERE change_seq > ?1 AND change_seq <= COALESCE(
+    (SELECT change_seq FROM durably_runs WHERE change_seq > ?1 ORDER BY change_seq LIMIT 1 OFFSET ?2 - 1),
+    change_seq)
+ORDER BY change_seq"""
 LATEST_CHANGE = "SELECT COALESCE(MAX(change_seq), 0) FROM durably_runs"
 
 # Keyset pagination of get_runs: older than the cursor run, or if it was deleted, older
@@ -278,7 +292,8 @@ UPDATE durably_runs SET status = 'waiting', lease_owner = NULL,
         WHERE c.job_name = ?9 AND c.idempotency_key IN (SELECT value FROM json_each(?8))
         ORDER BY c.seq)) END,
     lease_expires_at = NULL, progress = COALESCE(?6, progress),
-    wake_at = (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?5)
+    wake_at = (SELECT CAST(output AS REAL) FROM durably_steps WHERE run_id = ?1 AND name = ?5),
+    change_seq = {NEXT_CHANGE}
 WHERE {_HELD_12}
   AND CASE WHEN ?7 THEN {_DEADLINE} > {NOW} ELSE NOT {_RESOLVED} END
 RETURNING wake_at"""
@@ -309,7 +324,7 @@ WITH RECURSIVE tree(id) AS (
     SELECT id FROM durably_runs WHERE parent_run_id = ?1
     UNION SELECT r.id FROM durably_runs AS r JOIN tree ON r.parent_run_id = tree.id)
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
-    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL
+    lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, change_seq = {NEXT_CHANGE}
 WHERE id IN (SELECT id FROM tree) AND status IN ('pending', 'leased', 'waiting')"""
 
 # When the first run of the given jobs becomes claimable (NULL: none ever, by time).

@@ -70,12 +70,6 @@ CREATE INDEX durably_runs_due ON durably_runs (wake_at)
 CREATE UNIQUE INDEX durably_runs_idempotency
             ON durably_runs (job_name, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- trigger durably_runs_inserted
-CREATE TRIGGER durably_runs_inserted AFTER INSERT ON durably_runs BEGIN
-            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
-            WHERE seq = NEW.seq;
-        END;
-
 -- index durably_runs_job
 CREATE INDEX durably_runs_job ON durably_runs (job_name, seq);
 
@@ -89,12 +83,6 @@ CREATE INDEX durably_runs_ready ON durably_runs (priority DESC, seq)
 
 -- index durably_runs_status
 CREATE INDEX durably_runs_status ON durably_runs (status, seq);
-
--- trigger durably_runs_updated
-CREATE TRIGGER durably_runs_updated AFTER UPDATE OF status, progress, attempt, output, error ON durably_runs BEGIN
-            UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
-            WHERE seq = NEW.seq;
-        END;
 
 -- table durably_schedules
 CREATE TABLE durably_schedules (
