@@ -1,4 +1,4 @@
-"""``get_run_changes`` and keyset pagination, on every adapter; the upgrade of 0.1.0's database to v2."""
+"""``get_run_changes`` and keyset pagination, on every adapter; upgrades of 0.1.0's and a v3 database."""
 
 from __future__ import annotations
 

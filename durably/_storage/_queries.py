@@ -215,7 +215,7 @@ SELECT {RUN_COLUMNS}, change_seq FROM durably_runs
 WHERE change_seq > ?1 AND change_seq <= COALESCE(
     (SELECT change_seq FROM durably_runs WHERE change_seq > ?1 ORDER BY change_seq LIMIT 1 OFFSET ?2 - 1),
     change_seq)
-ORDER BY change_seq"""
+ORDER BY change_seq, seq"""
 LATEST_CHANGE = "SELECT COALESCE(MAX(change_seq), 0) FROM durably_runs"
 
 # Keyset pagination of get_runs: older than the cursor run, or if it was deleted, older
