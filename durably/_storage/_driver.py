@@ -24,6 +24,12 @@ class Driver(Protocol):
         """The database location for messages, never with credentials."""
         ...
 
+    @property
+    def local(self) -> bool:
+        """Whether a request costs no network round trip (a local file). A read that is rarely
+        needed then goes in a request of its own, instead of riding along in every request."""
+        ...
+
     async def read(self, sql: str, params: Sequence[Value] = ()) -> list[Row]:
         """Rows of one read-only statement (a replica may answer it locally)."""
         ...

@@ -168,6 +168,10 @@ class LocalFileDriver:
         self.checkpointer = Checkpointer(self.url, f"{path}-wal", busy_timeout_ms=_BUSY_TIMEOUT_MS)
 
     @property
+    def local(self) -> bool:
+        return True
+
+    @property
     def url(self) -> str:
         return f"file:{self._path}"
 

@@ -95,6 +95,10 @@ class RemoteDriver:
         self._client = HranaClient(base, auth_token=token, timeout=self._timeout)
 
     @property
+    def local(self) -> bool:
+        return False
+
+    @property
     def url(self) -> str:
         return self._url
 

@@ -94,6 +94,10 @@ class ReplicaDriver:
         self._thread: threading.Thread | None = None
 
     @property
+    def local(self) -> bool:
+        return False
+
+    @property
     def url(self) -> str:
         return f"file:{self._path} (replica of {self._primary.url})"
 
