@@ -87,7 +87,7 @@ async def measure(root: Path, window: float) -> dict[float, dict[str, float]]:
 def print_rows(figures: dict[float, dict[str, float]], window: float) -> None:
     print(
         f"Idle worker on sqld (polling_interval={POLLING_INTERVAL}, {PARKED:,} delayed runs parked;"
-        f" measured over {window:.0f} s after the backoff settled, scaled to a minute):"
+        f" measured over {window:.0f} s or 4 ceilings after the backoff settled, scaled to a minute):"
     )
     print("| max_polling_interval | requests / idle worker-minute | rows read / min | rows read / request |")
     print("| --- | --- | --- | --- |")
