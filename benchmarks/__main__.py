@@ -5,6 +5,7 @@
     python -m benchmarks --web      # live subscribers of the web app: reads/s and RSS
     python -m benchmarks --otel     # W3 with opentelemetry installed, unconfigured vs off
     python -m benchmarks --wan      # the remote adapter at 10 and 40 ms RTT (benchmarks/_wan.py)
+    python -m benchmarks --idle     # an idle worker's requests and rows read per minute on sqld
 
 Each durably figure is measured in a fresh process on a fresh database; the
 floor (stdlib sqlite3 doing the same writes) is measured in the same run, and
@@ -89,7 +90,15 @@ def main() -> None:
     parser.add_argument("--wal-runs", type=int, help="runs drained for the WAL's peak size (default 100,000)")
     parser.add_argument("--wan", action="store_true", help="only the WAN table (benchmarks/_wan.py)")
     parser.add_argument("--node", type=Path, help="with --wan: an `npm ci`-ed copy of the Node original")
+    parser.add_argument("--idle", action="store_true", help="only the idle-cost rows (benchmarks/_idle.py)")
     options = parser.parse_args()
+    if options.idle:
+        from benchmarks import _idle
+
+        window = 5.0 if options.quick else 20.0
+        root = Path(tempfile.mkdtemp(prefix="durably-bench-idle-"))
+        _idle.print_rows(asyncio.run(_idle.measure(root, window)), window)
+        return
     if options.wan:
         asyncio.run(run_wan(options.node))
         return

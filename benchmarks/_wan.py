@@ -198,7 +198,10 @@ async def _until_completed(url: str, n: int, timeout: float) -> int:
 
 async def host(url: str, conc: int) -> None:
     """A worker process for ``fleet``: works ``url`` until its stdin closes."""
-    durably = create_durably(url, polling_interval=0.001, max_concurrent_runs=conc)
+    # No idle backoff: the runs are triggered elsewhere, and the drain, not pickup, is timed.
+    durably = create_durably(
+        url, polling_interval=0.001, max_polling_interval=0.001, max_concurrent_runs=conc
+    )
     durably.register(job=make_job(3))
     async with durably:
         print("ready", flush=True)

@@ -7,7 +7,7 @@ that new work may be claimable, or that a run was cancelled, through two callbac
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -85,6 +85,17 @@ def _cutoff(older_than: Any) -> datetime:
     raise ValidationError(f"older_than must be a timedelta or datetime, got {older_than!r}")
 
 
+def _first_due(runs: Iterable[Run]) -> float | None:
+    """When the first delayed run just created becomes claimable (epoch s, this host's clock),
+    counted from its creation on the database clock so the clocks need not agree."""
+    delays = [
+        (run.wake_at - run.created_at).total_seconds()
+        for run in runs
+        if run.disposition == "created" and run.wake_at is not None
+    ]
+    return _clock.now() + min(delays) if delays else None
+
+
 class Runs:
     """Creates runs, waits for them, and reads and changes them on request."""
 
@@ -96,7 +107,7 @@ class Runs:
         *,
         polling_interval: float,
         ready: Callable[[], Awaitable[None]],
-        on_new_work: Callable[[], None],
+        on_new_work: Callable[[float | None], None],
         on_cancelled: Callable[[str], None],
         otel: _otel.Otel | None = None,
     ) -> None:
@@ -149,7 +160,7 @@ class Runs:
                     RunTriggerEvent, run_id=run.id, job_name=run.job_name, input=run.input, labels=run.labels
                 )
         if any(run.job_name in self._definitions for run in runs):
-            self._on_new_work()
+            self._on_new_work(_first_due(run for run in runs if run.job_name in self._definitions))
 
     async def result(
         self,
@@ -240,7 +251,7 @@ class Runs:
             RunRetryEvent, run_id=run.id, job_name=run.job_name, attempt=run.attempt, labels=run.labels
         )
         if run.job_name in self._definitions:
-            self._on_new_work()
+            self._on_new_work(None)
         return run
 
     async def retrigger(self, run_id: str) -> Run:
@@ -279,7 +290,7 @@ class Runs:
         run = await self._storage.send_signal(run_id, name, data)
         self._bus.emit(RunSignalEvent, run_id=run.id, job_name=run.job_name, name=name)
         if run.status == "waiting" and run.job_name in self._definitions:
-            self._on_new_work()
+            self._on_new_work(None)
 
     async def next_wake_at(self) -> datetime | None:
         """When a run of the registered jobs is next claimable (now if one is), by the database clock."""

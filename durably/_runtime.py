@@ -121,6 +121,9 @@ class Execution:
         self.ended: Literal["completed", "failed", "waiting"] | None = None  # what this execution stored
         self._seen_steps: set[str] = set()
         self._waiting_for: tuple[str, float | None] = ("", None)
+        # When the run this execution released to wait becomes claimable (epoch s): the
+        # worker's idle wait does not run past it (durably/_polling.py).
+        self.wake_at: float | None = None
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
         self._telemetry = TelemetryBuffer(
@@ -236,6 +239,7 @@ class Execution:
             if self._bus.wants("run:complete"):
                 self._emit(RunCompleteEvent, output=_codec.decode(output), duration=duration)
         elif retry_in is not None:  # not an end: the run waits for its next attempt
+            self.wake_at = _clock.now() + retry_in
             self._emit(RunRetryEvent, attempt=self.attempt + 1, next_attempt_at=held)
         else:
             self._on_finished(self.run_id, "failed", None, error)
@@ -383,6 +387,7 @@ class Execution:
         if result.state == "waiting":
             self.stop_reason = self.ended = "waiting"
             self._waiting_for = (request.waiting_for, result.wake_at)
+            self.wake_at = result.wake_at
             raise Suspend
         return result
 
@@ -455,6 +460,7 @@ class Execution:
         wake_at = await self._store(lambda: self._storage.postpone_run(self.lease, failed, delay, telemetry))
         if wake_at is None:
             await self._lease_gone()
+        self.wake_at = _clock.now() + delay
         self.stop("postponed")
         await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
 

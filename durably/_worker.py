@@ -10,9 +10,10 @@ import anyio
 import anyio.abc
 import structlog
 
-from durably import _otel
+from durably import _clock, _otel
 from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun, Finished
+from durably._polling import IdlePolling
 from durably._runtime import Execution, bounded, describe
 from durably._storage._protocol import Storage
 from durably.errors import StorageError
@@ -51,6 +52,7 @@ class Worker:
         jobs: Mapping[str, JobDefinition[Any, Any]],
         worker_id: str,
         polling_interval: float,
+        max_polling_interval: float,
         heartbeat_interval: float,
         stale_threshold: float,
         max_concurrent_runs: int,
@@ -61,7 +63,7 @@ class Worker:
         self._bus = bus
         self._jobs = jobs
         self.worker_id = worker_id
-        self._polling_interval = polling_interval
+        self._polling = IdlePolling(polling_interval, max_polling_interval)
         self._heartbeat_interval = heartbeat_interval
         self._stale_threshold = stale_threshold
         self.max_concurrent_runs = max_concurrent_runs
@@ -80,15 +82,21 @@ class Worker:
 
     # --- signals from the engine ------------------------------------------------------
 
-    def wake(self) -> None:
-        """New work may be claimable (an in-process trigger, a freed slot)."""
+    def wake(self, at: float | None = None) -> None:
+        """New work may be claimable (an in-process trigger, a freed slot): look at once,
+        and idle from ``polling_interval`` again. ``at`` (epoch seconds, ``_clock``): a run
+        known here becomes claimable then; the idle wait will not run past it."""
+        if at is not None:
+            self._polling.expect(anyio.current_time() + at - _clock.now())
         self._wake.set()
 
     def cancel_local(self, run_id: str) -> None:
-        """Stop a run this worker is executing, because it was cancelled."""
+        """Stop a run this worker is executing, because it was cancelled; a cancel may also
+        free a concurrency key or wake a waiting parent, so look for work."""
         execution = self._active.get(run_id)
         if execution is not None:
             execution.stop("cancelled")
+        self.wake()
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -112,6 +120,8 @@ class Worker:
         """Claim and execute runs until ``request_stop()``; then wait for in-flight runs.
 
         Nothing ends this loop but a stop: any error is reported and followed by a backoff.
+        An idle worker's waits grow up to ``max_polling_interval`` (``IdlePolling``) until
+        something may mean work: a wake-up, a claim that found runs, a due time known here.
         """
         backoff = _Backoff()
         async with anyio.create_task_group() as task_group:
@@ -120,7 +130,8 @@ class Worker:
             async with anyio.create_task_group() as runs:
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
-                    self._wake = anyio.Event()
+                    woken, self._wake = self._wake.is_set(), anyio.Event()
+                    running = len(self._running)
                     try:
                         busy = await self._claim_and_start(runs)
                     except Exception as exc:  # storage, a row it cannot decode, a bug
@@ -128,8 +139,10 @@ class Worker:
                         await self._idle(backoff.delay())
                         continue
                     backoff.reset()
+                    if woken or len(self._running) > running:
+                        self._polling.restart()
                     if not busy:
-                        await self._idle(self._polling_interval)
+                        await self._idle(self._polling.next_wait())
             heartbeat.cancel()
 
     async def _claim_and_start(self, task_group: anyio.abc.TaskGroup) -> bool:
@@ -143,9 +156,16 @@ class Worker:
         return len(claimed) == free
 
     async def _idle(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop)."""
-        with anyio.move_on_after(seconds):
+        """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop) or until the
+        earliest due time known here, which then counts as a wake-up.
+
+        A new due time always comes with a wake-up, so the one read here cannot go stale.
+        """
+        until = min(anyio.current_time() + seconds, self._polling.earliest_due())
+        with anyio.move_on_after(until - anyio.current_time()):
             await self._wake.wait()
+        if self._polling.take_due(anyio.current_time()):
+            self._wake.set()
 
     async def claim(self, limit: int) -> list[ClaimedRun]:
         if not self._jobs:
@@ -194,7 +214,7 @@ class Worker:
             self._finishing.discard(execution)
             if self._active.get(execution.run_id) is execution:
                 del self._active[execution.run_id]
-            self._wake.set()
+            self.wake(execution.wake_at)
 
     async def process(self, limit: int, *, deadline: float | None = None) -> tuple[int, int]:
         """Claim up to ``limit`` runs, execute them with lease renewal; how many were claimed,

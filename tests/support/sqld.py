@@ -117,7 +117,9 @@ class SqldServer:
         auth_jwt_key_file: str | os.PathLike[str] | None = None,
         startup_timeout: float = 20.0,
         die_with_parent: bool = False,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        self.extra_args = extra_args  # e.g. ("--admin-listen-addr", "127.0.0.1:PORT")
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.auth_jwt_key_file = Path(auth_jwt_key_file) if auth_jwt_key_file is not None else None
         self.startup_timeout = startup_timeout
@@ -204,6 +206,7 @@ class SqldServer:
         ]
         if self.auth_jwt_key_file is not None:
             cmd += ["--auth-jwt-key-file", str(self.auth_jwt_key_file)]
+        cmd += self.extra_args
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to Popen, closed below
         log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()

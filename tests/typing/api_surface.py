@@ -35,6 +35,7 @@ async def instance_api(storage: Storage) -> None:
     assert_type(durably, Durably)
     assert_type(durably.storage, Storage)
     assert_type(durably.max_concurrent_runs, int)
+    assert_type(create_durably(storage, polling_interval=0.1, max_polling_interval=2.0), Durably)
     assert_type(durably.jobs.images.name, str)
     unsubscribe = durably.on("run:complete", print)
     unsubscribe()
