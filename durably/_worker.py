@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,7 +16,7 @@ from durably import _otel
 from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun, Finished
 from durably._runtime import Execution, bounded, describe
-from durably._storage._protocol import Storage
+from durably._storage._protocol import Lease, LeaseOffer, Storage, Telemetry
 from durably.errors import StorageError
 
 if TYPE_CHECKING:
@@ -38,6 +40,29 @@ class _Backoff:
         delay = self._next * (0.5 + random.random() / 2)
         self._next = min(self._next * 2, self._cap)
         return delay
+
+
+class Promise:
+    """Slots a serving worker holds for the runs a trigger in its process is creating;
+    settled once: the runs created leased to ``offer`` start, the other slots are given back."""
+
+    def __init__(self, worker: Worker, offer: LeaseOffer) -> None:
+        self._worker = worker
+        self.offer = offer
+        self._settled = False
+
+    def give_back(self) -> None:
+        """The trigger failed: it starts no run, and the slots are free again."""
+        if not self._settled:
+            self._settled = True
+            self._worker._unpromise(self.offer.slots, used=0)
+
+    async def settle(self, claimed: Sequence[ClaimedRun]) -> None:
+        """Start ``claimed`` (the runs created leased to the offer); give back the other slots."""
+        if not self._settled:
+            self._settled = True
+            self._worker._unpromise(self.offer.slots, used=len(claimed))
+            await self._worker._start_created(claimed)
 
 
 class Worker:
@@ -74,6 +99,12 @@ class Worker:
         # Runs whose job body returned and whose outcome is being written: their slot is
         # free already, so the next claim overlaps that write.
         self._finishing: set[Execution] = set()
+        # Slots being filled: by the claim in flight, and promised to triggers in this process.
+        self._claiming = 0
+        self._promised = 0
+        # While serving: where runs execute, and the event loop they execute in.
+        self._runs: anyio.abc.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = anyio.Event()
         self._stopping = False
         self._log = _logger.bind(worker_id=worker_id)
@@ -118,6 +149,7 @@ class Worker:
             heartbeat = anyio.CancelScope()
             task_group.start_soon(self._heartbeat_forever, heartbeat)
             async with anyio.create_task_group() as runs:
+                self._runs, self._loop = runs, asyncio.get_running_loop()
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     self._wake = anyio.Event()
@@ -130,17 +162,71 @@ class Worker:
                     backoff.reset()
                     if not busy:
                         await self._idle(self._polling_interval)
+                self._runs = None
             heartbeat.cancel()
 
     async def _claim_and_start(self, task_group: anyio.abc.TaskGroup) -> bool:
         """Fill the free slots; whether all of them were filled (so look again at once)."""
-        free = self.max_concurrent_runs - len(self._running) + len(self._finishing)
+        free = self._free()
         if free <= 0:
             return False
-        claimed = await self.claim(free)
+        self._claiming = free
+        try:
+            claimed = await self.claim(free)
+        finally:
+            self._claiming = 0
         for run in claimed:
             self._start(task_group, run)
         return len(claimed) == free
+
+    def _free(self) -> int:
+        """Slots not executing a run (one whose body returned counts as free), not being
+        claimed for, and not promised to a trigger."""
+        busy = len(self._running) - len(self._finishing) + self._claiming + self._promised
+        return self.max_concurrent_runs - busy
+
+    # --- runs created leased by triggers in this process ---------------------------------
+
+    def offer(self, job_name: str, count: int) -> Promise | None:
+        """Promise free slots to ``count`` runs of ``job_name`` a trigger is about to create,
+        so they are created leased to this worker: only while serving, in its event loop."""
+        if self._runs is None or self._stopping or job_name not in self._jobs:
+            return None
+        if asyncio.get_running_loop() is not self._loop:
+            return None
+        slots = min(count, self._free())
+        if slots <= 0:
+            return None
+        self._promised += slots
+        owner = f"{self.worker_id}/{secrets.token_hex(6)}"
+        return Promise(
+            self,
+            LeaseOffer(
+                owner=owner, job_names=tuple(self._jobs), slots=slots, lease_seconds=self._stale_threshold
+            ),
+        )
+
+    def _unpromise(self, slots: int, *, used: int) -> None:
+        """Promised slots come back; if some were not filled, the worker looks for work at once."""
+        self._promised -= slots
+        if used < slots:
+            self._wake.set()
+
+    async def _start_created(self, claimed: Sequence[ClaimedRun]) -> None:
+        """Execute runs a trigger created leased to this worker; if it stopped meanwhile,
+        release their leases so any worker claims them."""
+        runs = self._runs
+        for run in claimed:
+            if runs is not None and not self._stopping:
+                self._start(runs, run)
+                continue
+            lease = Lease(run.run.id, run.lease_generation)
+            try:
+                await bounded(
+                    self._storage.release_lease(lease, Telemetry()), self.storage_timeout, "releasing a lease"
+                )
+            except Exception as exc:  # the lease expires instead, and the run is claimed then
+                self.report(exc, "releasing the lease of a run created leased", run_id=run.run.id)
 
     async def _idle(self, seconds: float) -> None:
         """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop)."""

@@ -10,11 +10,12 @@ from durably import _codec
 from durably._models import NewRun
 from durably._storage import _queries as q
 from durably._storage._driver import Driver, Row, Statement
-from durably._storage._protocol import Lease, WaitRequest, WaitResult
+from durably._storage._protocol import Lease, LeaseOffer, WaitRequest, WaitResult
 
 
-def insert_run(run: NewRun) -> list[Statement]:
-    """The statements that create ``run`` (and its labels); the INSERT comes first."""
+def insert_run(run: NewRun, offer: LeaseOffer | None = None) -> list[Statement]:
+    """The statements that create ``run`` (and its labels); the INSERT comes first. With an
+    ``offer``, the run is created leased to it if nothing is ahead of it (INSERT_RUN)."""
     labels = _codec.encode(run.labels).decode()
     params = (
         run.id,
@@ -28,6 +29,11 @@ def insert_run(run: NewRun) -> list[Statement]:
         run.run_at,
         run.parent_run_id,
         run.trace_context,
+        *(
+            (None, None, None, None)
+            if offer is None
+            else (offer.owner, offer.lease_seconds, _codec.encode(offer.job_names).decode(), offer.slots)
+        ),
     )
     statements: list[Statement] = [(q.INSERT_RUN, params)]
     if run.labels:
