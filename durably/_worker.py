@@ -99,8 +99,7 @@ class Worker:
         # Runs whose job body returned and whose outcome is being written: their slot is
         # free already, so the next claim overlaps that write.
         self._finishing: set[Execution] = set()
-        # Slots being filled: by the claim in flight, and promised to triggers in this process.
-        self._claiming = 0
+        # Slots promised to triggers in this process, for the runs they create leased.
         self._promised = 0
         # While serving: where runs execute, and the event loop they execute in.
         self._runs: anyio.abc.TaskGroup | None = None
@@ -170,20 +169,19 @@ class Worker:
         free = self._free()
         if free <= 0:
             return False
-        self._claiming = free
-        try:
-            claimed = await self.claim(free)
-        finally:
-            self._claiming = 0
-        for run in claimed:
+        claimed = await self.claim(free)
+        # A trigger here may have been promised a slot meanwhile (and filled it): the runs
+        # past the slots left go back to pending, so max_concurrent_runs holds.
+        room = max(self._free(), 0)
+        for run in claimed[:room]:
             self._start(task_group, run)
+        await self._release(claimed[room:], "giving back runs claimed past the free slots")
         return len(claimed) == free
 
     def _free(self) -> int:
-        """Slots not executing a run (one whose body returned counts as free), not being
-        claimed for, and not promised to a trigger."""
-        busy = len(self._running) - len(self._finishing) + self._claiming + self._promised
-        return self.max_concurrent_runs - busy
+        """Slots not executing a run (one whose body returned counts as free) and not
+        promised to a trigger."""
+        return self.max_concurrent_runs - len(self._running) + len(self._finishing) - self._promised
 
     # --- runs created leased by triggers in this process ---------------------------------
 
@@ -216,17 +214,21 @@ class Worker:
         """Execute runs a trigger created leased to this worker; if it stopped meanwhile,
         release their leases so any worker claims them."""
         runs = self._runs
+        if runs is None or self._stopping:
+            await self._release(claimed, "releasing runs created leased to a stopped worker")
+            return
         for run in claimed:
-            if runs is not None and not self._stopping:
-                self._start(runs, run)
-                continue
+            self._start(runs, run)
+
+    async def _release(self, claimed: Sequence[ClaimedRun], context: str) -> None:
+        """Put runs leased to this worker and never started back to pending; one that fails
+        to is reported, and any worker claims it once its lease expires."""
+        for run in claimed:
             lease = Lease(run.run.id, run.lease_generation)
             try:
-                await bounded(
-                    self._storage.release_lease(lease, Telemetry()), self.storage_timeout, "releasing a lease"
-                )
-            except Exception as exc:  # the lease expires instead, and the run is claimed then
-                self.report(exc, "releasing the lease of a run created leased", run_id=run.run.id)
+                await bounded(self._storage.release_lease(lease, Telemetry()), self.storage_timeout, context)
+            except Exception as exc:
+                self.report(exc, context, run_id=run.run.id)
 
     async def _idle(self, seconds: float) -> None:
         """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop)."""

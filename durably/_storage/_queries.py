@@ -44,18 +44,19 @@ _KEY_IS_FREE = f"""(r.concurrency_key IS NULL OR (
 # A new run (r: ?6 its concurrency key, ?7 its priority, ?8/?9 its delay or run_at) is
 # created leased to a serving worker's offer (?12 a one-off lease owner, ?14 the worker's
 # jobs, ?15 its free slots) only when that worker's claim would take it first now: not
-# delayed, no stale lease to reclaim, no ready or due run of those jobs at its priority or
-# above (through the claim's indexes), its key free, and a slot left. No offer: pending.
+# delayed, no stale lease to reclaim, no claimable ready or due run of those jobs at its
+# priority or above (through the claim's indexes), its key free, and a slot left. No
+# offer: pending.
 _LEASED_AT_ONCE = f"""CASE WHEN ?12 IS NULL OR ?8 IS NOT NULL OR ?9 IS NOT NULL THEN 0
     WHEN (SELECT COUNT(*) FROM durably_runs WHERE status = 'leased' AND lease_owner = ?12) >= ?15 THEN 0
     WHEN EXISTS (SELECT 1 FROM durably_runs WHERE status = 'leased' AND lease_expires_at <= {NOW}
                    AND job_name IN (SELECT value FROM json_each(?14))) THEN 0
-    WHEN EXISTS (SELECT 1 FROM durably_runs INDEXED BY durably_runs_ready
+    WHEN EXISTS (SELECT 1 FROM durably_runs AS r INDEXED BY durably_runs_ready
                  WHERE status = 'pending' AND wake_at IS NULL AND priority >= ?7
-                   AND job_name IN (SELECT value FROM json_each(?14))) THEN 0
-    WHEN EXISTS (SELECT 1 FROM durably_runs INDEXED BY durably_runs_due
+                   AND job_name IN (SELECT value FROM json_each(?14)) AND {_KEY_IS_FREE}) THEN 0
+    WHEN EXISTS (SELECT 1 FROM durably_runs AS r INDEXED BY durably_runs_due
                  WHERE wake_at <= {NOW} AND status IN ('pending', 'waiting') AND priority >= ?7
-                   AND job_name IN (SELECT value FROM json_each(?14))) THEN 0
+                   AND job_name IN (SELECT value FROM json_each(?14)) AND {_KEY_IS_FREE}) THEN 0
     ELSE {_KEY_IS_FREE} END"""
 
 # ?13: the offer's lease seconds. A run created leased is claimed by this very write:
