@@ -60,8 +60,10 @@ _LEASED_AT_ONCE = f"""CASE WHEN ?12 IS NULL OR ?8 IS NOT NULL OR ?9 IS NOT NULL 
     ELSE {_KEY_IS_FREE} END"""
 
 # ?13: the offer's lease seconds. A run created leased is claimed by this very write:
-# generation 1, started now.
+# generation 1, started now. MATERIALIZED: the decision is made once, not per column.
 INSERT_RUN = f"""
+WITH decided(leased) AS MATERIALIZED (
+    SELECT {_LEASED_AT_ONCE} FROM (SELECT ?6 AS concurrency_key, 9223372036854775807 AS seq) AS r)
 INSERT INTO durably_runs
     (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
      priority, wake_at, parent_run_id, trace_context,
@@ -70,8 +72,7 @@ SELECT ?1, ?2, CASE WHEN leased THEN 'leased' ELSE 'pending' END, ?3, ?4, ?5, ?6
        ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11,
        CASE WHEN leased THEN ?12 END, leased, CASE WHEN leased THEN {NOW} + ?13 END,
        CASE WHEN leased THEN {NOW} END
-FROM (SELECT {_LEASED_AT_ONCE} AS leased
-      FROM (SELECT ?6 AS concurrency_key, 9223372036854775807 AS seq) AS r)
+FROM decided
 WHERE true
 ON CONFLICT DO NOTHING
 RETURNING {CREATED_COLUMNS}"""
