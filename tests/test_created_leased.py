@@ -385,7 +385,7 @@ async def test_the_insert_reads_ready_and_due_runs_through_their_indexes(tmp_pat
             '["quick"]',
             1,
         )
-        rows = conn.execute("EXPLAIN QUERY PLAN " + q.INSERT_RUN, params).fetchall()
+        rows = conn.execute("EXPLAIN QUERY PLAN " + q.INSERT_OFFERED_RUN, params).fetchall()
     finally:
         conn.close()
     plan = "\n".join(str(row[-1]) for row in rows)

@@ -45,9 +45,8 @@ _KEY_IS_FREE = f"""(r.concurrency_key IS NULL OR (
 # created leased to a serving worker's offer (?12 a one-off lease owner, ?14 the worker's
 # jobs, ?15 its free slots) only when that worker's claim would take it first now: not
 # delayed, no stale lease to reclaim, no claimable ready or due run of those jobs at its
-# priority or above (through the claim's indexes), its key free, and a slot left. No
-# offer: pending.
-_LEASED_AT_ONCE = f"""CASE WHEN ?12 IS NULL OR ?8 IS NOT NULL OR ?9 IS NOT NULL THEN 0
+# priority or above (through the claim's indexes), its key free, and a slot left.
+_LEASED_AT_ONCE = f"""CASE WHEN ?8 IS NOT NULL OR ?9 IS NOT NULL THEN 0
     WHEN (SELECT COUNT(*) FROM durably_runs WHERE status = 'leased' AND lease_owner = ?12) >= ?15 THEN 0
     WHEN EXISTS (SELECT 1 FROM durably_runs WHERE status = 'leased' AND lease_expires_at <= {NOW}
                    AND job_name IN (SELECT value FROM json_each(?14))) THEN 0
@@ -59,11 +58,12 @@ _LEASED_AT_ONCE = f"""CASE WHEN ?12 IS NULL OR ?8 IS NOT NULL OR ?9 IS NOT NULL 
                    AND job_name IN (SELECT value FROM json_each(?14)) AND {_KEY_IS_FREE}) THEN 0
     ELSE {_KEY_IS_FREE} END"""
 
-# ?13: the offer's lease seconds. A run created leased is claimed by this very write:
-# generation 1, started now. MATERIALIZED: the decision is made once, not per column.
-INSERT_RUN = f"""
-WITH decided(leased) AS MATERIALIZED (
-    SELECT {_LEASED_AT_ONCE} FROM (SELECT ?6 AS concurrency_key, 9223372036854775807 AS seq) AS r)
+
+def _insert_run(decided: str) -> str:
+    """The INSERT of a new run; ``decided`` gives one row, ``leased`` (0 or 1): whether it is
+    created leased, claimed by this very write (?12 owner, ?13 lease seconds): generation 1,
+    started now."""
+    return f"""{decided}
 INSERT INTO durably_runs
     (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
      priority, wake_at, parent_run_id, trace_context,
@@ -76,6 +76,15 @@ FROM decided
 WHERE true
 ON CONFLICT DO NOTHING
 RETURNING {CREATED_COLUMNS}"""
+
+
+# A trigger without an offer (or a child run) is pending: no decision to make.
+INSERT_RUN = _insert_run("WITH decided(leased) AS (SELECT 0)")
+# MATERIALIZED: the decision is made once, not once per column that uses it.
+INSERT_OFFERED_RUN = _insert_run(
+    f"""WITH decided(leased) AS MATERIALIZED (
+    SELECT {_LEASED_AT_ONCE} FROM (SELECT ?6 AS concurrency_key, 9223372036854775807 AS seq) AS r)"""
+)
 
 # One statement: stale leases first; then, by priority and trigger order, ready runs (the
 # durably_runs_ready index, walked in claim order) and due ones (durably_runs_due: delayed

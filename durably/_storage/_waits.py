@@ -29,13 +29,13 @@ def insert_run(run: NewRun, offer: LeaseOffer | None = None) -> list[Statement]:
         run.run_at,
         run.parent_run_id,
         run.trace_context,
-        *(
-            (None, None, None, None)
-            if offer is None
-            else (offer.owner, offer.lease_seconds, _codec.encode(offer.job_names).decode(), offer.slots)
-        ),
     )
-    statements: list[Statement] = [(q.INSERT_RUN, params)]
+    if offer is None:
+        insert: Statement = (q.INSERT_RUN, (*params, None, None))
+    else:
+        jobs = _codec.encode(offer.job_names).decode()
+        insert = (q.INSERT_OFFERED_RUN, (*params, offer.owner, offer.lease_seconds, jobs, offer.slots))
+    statements: list[Statement] = [insert]
     if run.labels:
         statements.append((q.INSERT_LABELS, (labels, run.id)))
     return statements
