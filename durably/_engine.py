@@ -22,7 +22,7 @@ from durably._models import LogEntry, Run, Step
 from durably._runs import Runs
 from durably._schedules import Scheduler
 from durably._storage._protocol import Storage
-from durably._worker import Worker
+from durably._worker import Promise, Worker
 from durably.adapters import open_storage
 from durably.errors import ConfigurationError, NotFoundError
 
@@ -132,6 +132,7 @@ class Durably:
             ready=self._ready,
             on_new_work=self._wake_worker,
             on_cancelled=self._cancel_locally,
+            promise_slots=self._promise_slots,
             otel=self._otel,
         )
         self._migrated = False
@@ -387,6 +388,9 @@ class Durably:
     def _wake_worker(self, at: float | None = None) -> None:
         if self._worker is not None:
             self._worker.wake(at)
+
+    def _promise_slots(self, job_name: str, count: int) -> Promise | None:
+        return None if self._worker is None else self._worker.offer(job_name, count)
 
     def _cancel_locally(self, run_id: str) -> None:
         if self._worker is not None:

@@ -2,14 +2,16 @@
 
 ``Durably`` is a façade over this; job handles depend on it only through
 ``durably._job.RunStarter``. It knows nothing of the worker: it tells the instance
-that new work may be claimable, or that a run was cancelled, through two callbacks.
+that new work may be claimable, or that a run was cancelled, through two callbacks, and
+asks it through a third for slots a worker serving here promises to the runs a trigger
+creates (``SlotPromise``): those runs are created leased to it and start without a claim.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -23,8 +25,8 @@ from durably._events import (
     RunTriggerEvent,
 )
 from durably._job import JobDefinition
-from durably._models import LogEntry, NewRun, Progress, Run, RunResult, Step
-from durably._storage._protocol import RunFilter, Storage
+from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, RunResult, Step
+from durably._storage._protocol import LeaseOffer, RunFilter, Storage
 from durably._triggering import check_labels, check_text, new_runs
 from durably._waiters import Outcome, Waiters, check_timeout
 from durably.errors import (
@@ -96,6 +98,19 @@ def _first_due(runs: Iterable[Run]) -> float | None:
     return _clock.now() + min(delays) if delays else None
 
 
+class SlotPromise(Protocol):
+    """Free slots a worker serving in this process holds for the runs of one trigger."""
+
+    @property
+    def offer(self) -> LeaseOffer: ...
+
+    def give_back(self) -> None:
+        """The trigger failed: the slots are free again."""
+
+    async def settle(self, claimed: Sequence[ClaimedRun]) -> None:
+        """Start the runs created leased to the offer; give back the other slots."""
+
+
 class Runs:
     """Creates runs, waits for them, and reads and changes them on request."""
 
@@ -109,6 +124,7 @@ class Runs:
         ready: Callable[[], Awaitable[None]],
         on_new_work: Callable[[float | None], None],
         on_cancelled: Callable[[str], None],
+        promise_slots: Callable[[str, int], SlotPromise | None],
         otel: _otel.Otel | None = None,
     ) -> None:
         self._storage = storage
@@ -117,6 +133,7 @@ class Runs:
         self._ready = ready
         self._on_new_work = on_new_work
         self._on_cancelled = on_cancelled
+        self._promise_slots = promise_slots
         self._otel = otel or _otel.Otel()
         self._waiters = Waiters(storage, bus, polling_interval=polling_interval)
 
@@ -148,18 +165,38 @@ class Runs:
         if not rows:
             return []
         await self._ready()
+        # A delayed run is never created leased: no slot is asked for.
+        promise = (
+            self._promise_slots(definition.name, len(rows)) if delay is None and run_at is None else None
+        )
         with self._otel.trigger(definition.name, rows):
-            runs = await self._storage.create_runs(rows)
-        self._announce(runs)
+            runs, claimed = await self._create(rows, promise)
+        # run:trigger before run:start; the worker is woken only for runs it has yet to claim.
+        self._announce(runs, wake=len(claimed) < len(runs))
+        if promise is not None:
+            await promise.settle(claimed)
         return runs
 
-    def _announce(self, runs: Sequence[Run]) -> None:
+    async def _create(
+        self, rows: list[NewRun], promise: SlotPromise | None
+    ) -> tuple[list[Run], list[ClaimedRun]]:
+        """Write ``rows``; with a promise, those with nothing ahead of them are created leased to it."""
+        if promise is None:
+            return await self._storage.create_runs(rows), []
+        try:
+            return await self._storage.create_leased_runs(rows, promise.offer)
+        except BaseException:
+            # Nothing to start (had the write landed, its leases expire and any worker resumes them).
+            promise.give_back()
+            raise
+
+    def _announce(self, runs: Sequence[Run], *, wake: bool = True) -> None:
         for run in runs:
             if run.disposition == "created" and self._bus.wants("run:trigger"):
                 self._bus.emit(
                     RunTriggerEvent, run_id=run.id, job_name=run.job_name, input=run.input, labels=run.labels
                 )
-        if any(run.job_name in self._definitions for run in runs):
+        if wake and any(run.job_name in self._definitions for run in runs):
             self._on_new_work(_first_due(run for run in runs if run.job_name in self._definitions))
 
     async def result(

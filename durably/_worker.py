@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -15,7 +17,7 @@ from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun, Finished
 from durably._polling import IdlePolling
 from durably._runtime import Execution, bounded, describe
-from durably._storage._protocol import Storage
+from durably._storage._protocol import Lease, LeaseOffer, Storage, Telemetry
 from durably.errors import StorageError
 
 if TYPE_CHECKING:
@@ -39,6 +41,29 @@ class _Backoff:
         delay = self._next * (0.5 + random.random() / 2)
         self._next = min(self._next * 2, self._cap)
         return delay
+
+
+class Promise:
+    """Slots a serving worker holds for the runs a trigger in its process is creating;
+    settled once: the runs created leased to ``offer`` start, the other slots are given back."""
+
+    def __init__(self, worker: Worker, offer: LeaseOffer) -> None:
+        self._worker = worker
+        self.offer = offer
+        self._settled = False
+
+    def give_back(self) -> None:
+        """The trigger failed: it starts no run, and the slots are free again."""
+        if not self._settled:
+            self._settled = True
+            self._worker._unpromise(self.offer.slots, used=0)
+
+    async def settle(self, claimed: Sequence[ClaimedRun]) -> None:
+        """Start ``claimed`` (the runs created leased to the offer); give back the other slots."""
+        if not self._settled:
+            self._settled = True
+            self._worker._unpromise(self.offer.slots, used=len(claimed))
+            await self._worker._start_created(claimed)
 
 
 class Worker:
@@ -76,6 +101,11 @@ class Worker:
         # Runs whose job body returned and whose outcome is being written: their slot is
         # free already, so the next claim overlaps that write.
         self._finishing: set[Execution] = set()
+        # Slots promised to triggers in this process, for the runs they create leased.
+        self._promised = 0
+        # While serving: where runs execute, and the event loop they execute in.
+        self._runs: anyio.abc.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = anyio.Event()
         self._stopping = False
         self._log = _logger.bind(worker_id=worker_id)
@@ -128,6 +158,7 @@ class Worker:
             heartbeat = anyio.CancelScope()
             task_group.start_soon(self._heartbeat_forever, heartbeat)
             async with anyio.create_task_group() as runs:
+                self._runs, self._loop = runs, asyncio.get_running_loop()
                 while not self._stopping:
                     # Reset before looking, so a wake-up that arrives meanwhile is kept.
                     woken, self._wake = self._wake.is_set(), anyio.Event()
@@ -143,17 +174,74 @@ class Worker:
                         self._polling.restart()
                     if not busy:
                         await self._idle(self._polling.next_wait())
+                self._runs = None
             heartbeat.cancel()
 
     async def _claim_and_start(self, task_group: anyio.abc.TaskGroup) -> bool:
         """Fill the free slots; whether all of them were filled (so look again at once)."""
-        free = self.max_concurrent_runs - len(self._running) + len(self._finishing)
+        free = self._free()
         if free <= 0:
             return False
         claimed = await self.claim(free)
-        for run in claimed:
+        # A trigger here may have been promised a slot meanwhile (and filled it): the runs
+        # past the slots left go back to pending, so max_concurrent_runs holds.
+        room = max(self._free(), 0)
+        for run in claimed[:room]:
             self._start(task_group, run)
+        await self._release(claimed[room:], "giving back runs claimed past the free slots")
         return len(claimed) == free
+
+    def _free(self) -> int:
+        """Slots not executing a run (one whose body returned counts as free) and not
+        promised to a trigger."""
+        return self.max_concurrent_runs - len(self._running) + len(self._finishing) - self._promised
+
+    # --- runs created leased by triggers in this process ---------------------------------
+
+    def offer(self, job_name: str, count: int) -> Promise | None:
+        """Promise free slots to ``count`` runs of ``job_name`` a trigger is about to create,
+        so they are created leased to this worker: only while serving, in its event loop."""
+        if self._runs is None or self._stopping or job_name not in self._jobs:
+            return None
+        if asyncio.get_running_loop() is not self._loop:
+            return None
+        slots = min(count, self._free())
+        if slots <= 0:
+            return None
+        self._promised += slots
+        owner = f"{self.worker_id}/{secrets.token_hex(6)}"
+        return Promise(
+            self,
+            LeaseOffer(
+                owner=owner, job_names=tuple(self._jobs), slots=slots, lease_seconds=self._stale_threshold
+            ),
+        )
+
+    def _unpromise(self, slots: int, *, used: int) -> None:
+        """Promised slots come back; if some were not filled, the worker looks for work at once."""
+        self._promised -= slots
+        if used < slots:
+            self._wake.set()
+
+    async def _start_created(self, claimed: Sequence[ClaimedRun]) -> None:
+        """Execute runs a trigger created leased to this worker; if it stopped meanwhile,
+        release their leases so any worker claims them."""
+        runs = self._runs
+        if runs is None or self._stopping:
+            await self._release(claimed, "releasing runs created leased to a stopped worker")
+            return
+        for run in claimed:
+            self._start(runs, run)
+
+    async def _release(self, claimed: Sequence[ClaimedRun], context: str) -> None:
+        """Put runs leased to this worker and never started back to pending; one that fails
+        to is reported, and any worker claims it once its lease expires."""
+        for run in claimed:
+            lease = Lease(run.run.id, run.lease_generation)
+            try:
+                await bounded(self._storage.release_lease(lease, Telemetry()), self.storage_timeout, context)
+            except Exception as exc:
+                self.report(exc, context, run_id=run.run.id)
 
     async def _idle(self, seconds: float) -> None:
         """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop) or until the

@@ -77,6 +77,17 @@ class WaitResult(msgspec.Struct, frozen=True):
     wake_at: float | None = None
 
 
+class LeaseOffer(msgspec.Struct, kw_only=True, frozen=True):
+    """Free slots of a worker serving in the triggering process: a run the trigger creates
+    with nothing ahead of it is created leased to ``owner`` (a one-off lease owner, as a
+    claim's), saving the claim's round trip. ``job_names`` are the worker's jobs."""
+
+    owner: str
+    job_names: tuple[str, ...]
+    slots: int
+    lease_seconds: float
+
+
 class RunFilter(msgspec.Struct, kw_only=True):
     """What ``get_runs`` selects; every given criterion must match."""
 
@@ -122,6 +133,17 @@ class Storage(Protocol):
         written; the existing run is returned in its place with disposition
         ``"idempotent"``. The others come back with disposition ``"created"``,
         in the order given.
+        """
+        ...
+
+    async def create_leased_runs(
+        self, runs: Sequence[NewRun], offer: LeaseOffer
+    ) -> tuple[list[Run], list[ClaimedRun]]:
+        """``create_runs``, in the same one round trip; and up to ``offer.slots`` of the new
+        runs are created leased to ``offer.owner`` (generation 1), each only if a claim by
+        the offering worker would take it first now: not delayed, no stale lease of
+        ``offer.job_names`` to reclaim, no ready or due run of them at its priority or above,
+        its concurrency key free. Those come back as claimed runs (no steps), to execute at once.
         """
         ...
 

@@ -23,23 +23,18 @@ LEASE_IS_HELD = f"EXISTS (SELECT 1 FROM durably_runs WHERE {HELD})"
 # never goes back; the rows one statement changes share it (get_run_changes reads ties whole).
 NEXT_CHANGE = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM durably_runs)"
 
-INSERT_RUN = f"""
-INSERT INTO durably_runs
-    (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
-     priority, wake_at, parent_run_id, trace_context, change_seq)
-VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, {NOW},
-        ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11, {NEXT_CHANGE})
-ON CONFLICT DO NOTHING
-RETURNING {RUN_COLUMNS}"""
-
 INSERT_LABELS = """
 INSERT INTO durably_labels (key, value, run_seq)
 SELECT j.key, j.value, r.seq FROM durably_runs r, json_each(?) j WHERE r.id = ?
 ON CONFLICT DO NOTHING"""
 
 SELECT_RUN_BY_ID = f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE id = ?"
+# What a trigger reads back of a run: its columns, then the lease that tells whether the
+# run is leased to the trigger's offer (generation, trace context as the claim returns, owner).
+CREATED_COLUMNS = f"{RUN_COLUMNS}, lease_generation, trace_context, lease_owner"
+SELECT_CREATED = f"SELECT {CREATED_COLUMNS} FROM durably_runs WHERE id = ?"
 SELECT_RUN_BY_IDEMPOTENCY_KEY = (
-    f"SELECT {RUN_COLUMNS} FROM durably_runs WHERE job_name = ? AND idempotency_key = ?"
+    f"SELECT {CREATED_COLUMNS} FROM durably_runs WHERE job_name = ? AND idempotency_key = ?"
 )
 
 # A pending run with a concurrency key is claimable only while no run holds that key and
@@ -50,6 +45,51 @@ _KEY_IS_FREE = f"""(r.concurrency_key IS NULL OR (
     AND NOT EXISTS (SELECT 1 FROM durably_runs AS o
                     WHERE o.concurrency_key = r.concurrency_key AND o.seq < r.seq
                       AND o.status = 'pending' AND (o.wake_at IS NULL OR o.wake_at <= {NOW}))))"""
+
+# A new run (r: ?6 its concurrency key, ?7 its priority, ?8/?9 its delay or run_at) is
+# created leased to a serving worker's offer (?12 a one-off lease owner, ?14 the worker's
+# jobs, ?15 its free slots) only when that worker's claim would take it first now: not
+# delayed, no stale lease to reclaim, no claimable ready or due run of those jobs at its
+# priority or above (through the claim's indexes), its key free, and a slot left.
+_LEASED_AT_ONCE = f"""CASE WHEN ?8 IS NOT NULL OR ?9 IS NOT NULL THEN 0
+    WHEN (SELECT COUNT(*) FROM durably_runs WHERE status = 'leased' AND lease_owner = ?12) >= ?15 THEN 0
+    WHEN EXISTS (SELECT 1 FROM durably_runs WHERE status = 'leased' AND lease_expires_at <= {NOW}
+                   AND job_name IN (SELECT value FROM json_each(?14))) THEN 0
+    WHEN EXISTS (SELECT 1 FROM durably_runs AS r INDEXED BY durably_runs_ready
+                 WHERE status = 'pending' AND wake_at IS NULL AND priority >= ?7
+                   AND job_name IN (SELECT value FROM json_each(?14)) AND {_KEY_IS_FREE}) THEN 0
+    WHEN EXISTS (SELECT 1 FROM durably_runs AS r INDEXED BY durably_runs_due
+                 WHERE wake_at <= {NOW} AND status IN ('pending', 'waiting') AND priority >= ?7
+                   AND job_name IN (SELECT value FROM json_each(?14)) AND {_KEY_IS_FREE}) THEN 0
+    ELSE {_KEY_IS_FREE} END"""
+
+
+def _insert_run(decided: str) -> str:
+    """The INSERT of a new run; ``decided`` gives one row, ``leased`` (0 or 1): whether it is
+    created leased, claimed by this very write (?12 owner, ?13 lease seconds): generation 1,
+    started now."""
+    return f"""{decided}
+INSERT INTO durably_runs
+    (id, job_name, status, input, labels, idempotency_key, concurrency_key, created_at,
+     priority, wake_at, parent_run_id, trace_context,
+     lease_owner, lease_generation, lease_expires_at, started_at, change_seq)
+SELECT ?1, ?2, CASE WHEN leased THEN 'leased' ELSE 'pending' END, ?3, ?4, ?5, ?6, {NOW},
+       ?7, CASE WHEN ?8 IS NULL THEN ?9 ELSE {NOW} + ?8 END, ?10, ?11,
+       CASE WHEN leased THEN ?12 END, leased, CASE WHEN leased THEN {NOW} + ?13 END,
+       CASE WHEN leased THEN {NOW} END, {NEXT_CHANGE}
+FROM decided
+WHERE true
+ON CONFLICT DO NOTHING
+RETURNING {CREATED_COLUMNS}"""
+
+
+# A trigger without an offer (or a child run) is pending: no decision to make.
+INSERT_RUN = _insert_run("WITH decided(leased) AS (SELECT 0)")
+# MATERIALIZED: the decision is made once, not once per column that uses it.
+INSERT_OFFERED_RUN = _insert_run(
+    f"""WITH decided(leased) AS MATERIALIZED (
+    SELECT {_LEASED_AT_ONCE} FROM (SELECT ?6 AS concurrency_key, 9223372036854775807 AS seq) AS r)"""
+)
 
 # One statement: stale leases first; then, by priority and trigger order, ready runs (the
 # durably_runs_ready index, walked in claim order) and due ones (durably_runs_due: delayed

@@ -18,6 +18,7 @@ from durably._storage import _waits
 from durably._storage._driver import Driver, Row, Statement, Value
 from durably._storage._protocol import (
     Lease,
+    LeaseOffer,
     RunChanges,
     RunFilter,
     StepRecord,
@@ -91,6 +92,12 @@ def _save_step_statements(lease: Lease, step: StepRecord, telemetry: Telemetry) 
     return statements
 
 
+def _leased_to(row: Row, offer: LeaseOffer) -> bool:
+    """Whether a row read back by a trigger (``q.CREATED_COLUMNS``) is leased to ``offer``."""
+    status, generation, owner = row[2], row[RUN_WIDTH], row[RUN_WIDTH + 2]
+    return as_text(status) == "leased" and as_int(generation) == 1 and as_text(owner) == offer.owner
+
+
 def _held(rows: list[Row]) -> bool:
     return bool(rows)
 
@@ -145,11 +152,22 @@ class SqlStorage:
         return as_int(rows[0][0])
 
     async def create_runs(self, runs: Sequence[NewRun]) -> list[Run]:
+        created, _ = await self._create(runs, None)
+        return created
+
+    async def create_leased_runs(
+        self, runs: Sequence[NewRun], offer: LeaseOffer
+    ) -> tuple[list[Run], list[ClaimedRun]]:
+        return await self._create(runs, offer)
+
+    async def _create(
+        self, runs: Sequence[NewRun], offer: LeaseOffer | None
+    ) -> tuple[list[Run], list[ClaimedRun]]:
         statements: list[Statement] = []
         positions: list[tuple[int, int | None]] = []  # per run: its INSERT, its idempotency SELECT
         for run in runs:
             insert = len(statements)
-            statements.extend(_waits.insert_run(run))
+            statements.extend(_waits.insert_run(run, offer))
             existing = None
             if run.idempotency_key is not None:
                 existing = len(statements)
@@ -165,16 +183,19 @@ class SqlStorage:
             found |= await self._landed_runs([run.id for run in runs if run.id not in found])
         # A run stored under its own id was created by this call, perhaps by an earlier send of
         # this very request whose answer the connection lost (SPEC §15); another id is an
-        # earlier run with the same idempotency key.
-        return [
+        # earlier run with the same idempotency key. Either is this offer's to execute only
+        # if leased to its one-off owner under the first generation: no one else took it.
+        created = [
             run_from_row(found[run.id], "created" if as_text(found[run.id][0]) == run.id else "idempotent")
             for run in runs
         ]
+        leased = {as_text(row[0]): row for row in found.values() if offer and _leased_to(row, offer)}
+        return created, [claimed_run(row, Resumed()) for row in leased.values()]
 
     async def _landed_runs(self, run_ids: list[str]) -> dict[str, Row]:
         """The rows of runs whose INSERT found its id taken: a re-sent request that had landed."""
         # On the primary: a replica may not have synced the first send yet.
-        results = await self._driver.read_primary([(q.SELECT_RUN_BY_ID, (run_id,)) for run_id in run_ids])
+        results = await self._driver.read_primary([(q.SELECT_CREATED, (run_id,)) for run_id in run_ids])
         missing = [run_id for run_id, rows in zip(run_ids, results, strict=True) if not rows]
         if missing:
             raise StorageError(f"{self.url}: runs {missing} were neither stored nor found")

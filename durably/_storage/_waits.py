@@ -10,11 +10,12 @@ from durably import _codec
 from durably._models import NewRun
 from durably._storage import _queries as q
 from durably._storage._driver import Driver, Row, Statement
-from durably._storage._protocol import Lease, WaitRequest, WaitResult
+from durably._storage._protocol import Lease, LeaseOffer, WaitRequest, WaitResult
 
 
-def insert_run(run: NewRun) -> list[Statement]:
-    """The statements that create ``run`` (and its labels); the INSERT comes first."""
+def insert_run(run: NewRun, offer: LeaseOffer | None = None) -> list[Statement]:
+    """The statements that create ``run`` (and its labels); the INSERT comes first. With an
+    ``offer``, the run is created leased to it if nothing is ahead of it (INSERT_RUN)."""
     labels = _codec.encode(run.labels).decode()
     params = (
         run.id,
@@ -29,7 +30,12 @@ def insert_run(run: NewRun) -> list[Statement]:
         run.parent_run_id,
         run.trace_context,
     )
-    statements: list[Statement] = [(q.INSERT_RUN, params)]
+    if offer is None:
+        insert: Statement = (q.INSERT_RUN, (*params, None, None))
+    else:
+        jobs = _codec.encode(offer.job_names).decode()
+        insert = (q.INSERT_OFFERED_RUN, (*params, offer.owner, offer.lease_seconds, jobs, offer.slots))
+    statements: list[Statement] = [insert]
     if run.labels:
         statements.append((q.INSERT_LABELS, (labels, run.id)))
     return statements

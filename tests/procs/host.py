@@ -1,14 +1,15 @@
 """A worker host process for tests/test_many_hosts.py (run with ``sys.executable``).
 
 ``host.py DB_URL LOG --id NAME --stop-file PATH [--ready-file PATH] [--go-file PATH]
-[--stale S] [--heartbeat S] [--polling S] [--concurrency N]``
+[--stale S] [--heartbeat S] [--polling S] [--concurrency N] [--trigger N]``
 
 Writes ``ready NAME PID`` to the ready file, waits for the go file (if given), then
 works the database with ``async with durably`` until the stop file exists or SIGTERM
 arrives, and exits 0. Every step execution appends one line to the shared ``LOG``:
 ``RUN_ID STEP NAME PID`` for the three-step job, ``start|end RUN_ID NAME PID TIME_NS``
-for the keyed job. Each line is one ``write`` on an ``O_APPEND`` descriptor, so lines
-from several processes never interleave.
+for the keyed job; with ``--trigger N`` the host, once serving, triggers N keyed runs at
+once and logs ``trigger RUN_ID NAME STATUS`` for each (STATUS: as created). Each line is
+one ``write`` on an ``O_APPEND`` descriptor, so lines from several processes never interleave.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import anyio
 import msgspec
 from anyio import Path as AsyncPath
 
-from durably import StepContext, create_durably, define_job
+from durably import Durably, StepContext, create_durably, define_job
 
 STEPS = ("s1", "s2", "s3")
 
@@ -112,7 +113,15 @@ async def serve(args: argparse.Namespace) -> None:
         await durably.close()
         return
     async with durably:
+        async with anyio.create_task_group() as triggers:  # --trigger N: N at once, as users would
+            for i in range(args.trigger):
+                triggers.start_soon(_trigger, durably, i)
         await _wait_for(args.stop_file)
+
+
+async def _trigger(durably: Durably, i: int) -> None:
+    run = await durably.jobs.keyed.trigger(Keyed(i=i))
+    append_line(LOG, f"trigger {run.id} {HOST} {run.status}")
 
 
 def main() -> None:
@@ -128,6 +137,7 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=0.3)
     parser.add_argument("--polling", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--trigger", type=int, default=0)
     args = parser.parse_args()
     HOST, LOG = args.id, args.log
     signal.signal(signal.SIGTERM, _on_sigterm)
