@@ -35,9 +35,10 @@ from durably._events import (
     WorkerErrorEvent,
 )
 from durably._models import ClaimedRun, Finished, LogEntry, LogLevel, Progress
+from durably._pipeline import CheckpointPipeline
 from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
-from durably._storage._protocol import Lease, StepRecord, Storage, WaitRequest, WaitResult
+from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
 from durably._telemetry import TelemetryBuffer
 from durably._waits import Suspend
 from durably.errors import LeaseLostError, StorageError, ValidationError
@@ -123,8 +124,14 @@ class Execution:
         self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
+        self._pipeline: CheckpointPipeline | None = None
+        self._checkpoints_lost: StopReason = "lease_lost"  # why the pipeline stopped, if it did
+        if definition.checkpoints == "pipelined":
+            self._pipeline = CheckpointPipeline(
+                write=self._save_steps, broken=self._checkpoints_failed, spawn=spawn
+            )
         self._telemetry = TelemetryBuffer(
-            store=lambda telemetry: self._write(lambda: self._storage.save_telemetry(self.lease, telemetry)),
+            store=self._save_telemetry,
             report=self._report,
             lease_gone=self._telemetry_refused,
             spawn=spawn,
@@ -206,20 +213,29 @@ class Execution:
 
     async def _finish(self, outcome: Outcome, *, duration: float) -> None:
         output, error, failed_step, cause = outcome
-        telemetry = self._telemetry.take()
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
+        steps = await self._unstored_steps(carry=retry_in is None)
+        if steps is None:  # a queued checkpoint was refused: nothing more is written
+            self.stop_reason = self._checkpoints_lost
+            await self._stopped()
+            return
+        telemetry = self._telemetry.take()
         held: object
         try:
             if error is None:
                 assert output is not None
-                held = await self._write(lambda: self._storage.complete_run(self.lease, output, telemetry))
+                held = await self._write(
+                    lambda: self._storage.complete_run(self.lease, output, telemetry, steps=steps)
+                )
             elif retry_in is not None:
                 delay = retry_in
                 held = await self._write(
                     lambda: self._storage.retry_run_later(self.lease, error, delay, telemetry)
                 )
             else:
-                held = await self._write(lambda: self._storage.fail_run(self.lease, error, telemetry))
+                held = await self._write(
+                    lambda: self._storage.fail_run(self.lease, error, telemetry, steps=steps)
+                )
         except StorageError as exc:
             # The lease will expire and another worker (or this one) resumes the run.
             self._report(exc, "storing the outcome of a run")
@@ -244,6 +260,10 @@ class Execution:
     async def _stopped(self) -> None:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
+            # The queued checkpoints land before the lease is released (pipelined).
+            if await self._unstored_steps(carry=False) is None:
+                self._report(self._lease_lost_error(self._checkpoints_lost), "run execution")
+                return
             try:
                 await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
             except StorageError as exc:
@@ -278,6 +298,39 @@ class Execution:
         if run.status in ("completed", "failed"):
             return "finished_elsewhere"
         return "lease_lost"
+
+    async def _unstored_steps(self, *, carry: bool) -> list[StepRecord] | None:
+        """Pipelined: the queued checkpoints for the ending write to carry (``carry``), once the
+        one in flight is acknowledged; else they are stored first. ``None``: one was refused."""
+        if self._pipeline is None:
+            return []
+        if carry:
+            return await self._pipeline.settle()
+        return [] if await self._pipeline.drain() else None
+
+    async def _drained(self) -> None:
+        """Before any other fenced write: the queued checkpoints are stored (pipelined), so it
+        cannot overtake them; if one was refused, the execution stops here."""
+        if self._pipeline is not None and not await self._pipeline.drain():
+            await self._lease_gone()
+
+    async def _save_steps(self, steps: list[StepRecord]) -> bool:
+        telemetry = self._telemetry.take()
+        return await self._write(lambda: self._storage.save_steps(self.lease, steps, telemetry))
+
+    async def _checkpoints_failed(self, exc: Exception | None) -> None:
+        """A pipelined checkpoint write failed (``exc``) or was refused (``None``): stop."""
+        if exc is None:
+            self._checkpoints_lost = await self.why_lease_gone()
+        else:
+            self._report(exc, "storing steps; the run is left to be resumed when its lease expires")
+            self._checkpoints_lost = "storage_lost"
+        self.stop(self._checkpoints_lost)
+
+    async def _save_telemetry(self, telemetry: Telemetry) -> bool:
+        if self._pipeline is not None and not await self._pipeline.drain():
+            return False
+        return await self._write(lambda: self._storage.save_telemetry(self.lease, telemetry))
 
     def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
         return bounded(call, self._storage_timeout, f"run {self.run_id}")
@@ -346,6 +399,8 @@ class Execution:
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
+        if self._pipeline is not None and not await self._pipeline.room():
+            await self._lease_gone()
         attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
             return await self._execute_step(
@@ -376,6 +431,7 @@ class Execution:
         When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
         """
         self._end_replay()
+        await self._drained()
         telemetry = self._telemetry.take()
         result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
         if result.state == "lost":
@@ -413,9 +469,9 @@ class Execution:
                 ),
             )
             output = encode_result(name, value, type_)
-            telemetry = self._telemetry.take()
-            done = record(output=output, completed_at=_clock.now(), attempts=attempts.count)
-            held = await self._store(lambda: self._storage.save_step(self.lease, done, telemetry))
+            held = await self._checkpoint(
+                record(output=output, completed_at=_clock.now(), attempts=attempts.count)
+            )
         except Exception as exc:
             await self._step_failed(
                 record(error=describe(exc), completed_at=_clock.now(), attempts=attempts.count), exc
@@ -446,6 +502,7 @@ class Execution:
             error=failed.error,
             retry_in=delay,
         )
+        await self._drained()
         telemetry = self._telemetry.take()
         if delay <= self._lease_seconds:
             if not await self._store(lambda: self._storage.save_step(self.lease, failed, telemetry)):
@@ -460,10 +517,16 @@ class Execution:
 
     async def _step_failed(self, record: StepRecord, exc: Exception) -> None:
         self._step_errors.append((exc, record.name))
-        telemetry = self._telemetry.take()
-        if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
+        if not await self._checkpoint(record):
             await self._lease_gone()
         self._emit(StepFailEvent, step_name=record.name, step_index=record.index, error=record.error)
+
+    async def _checkpoint(self, step: StepRecord) -> bool:
+        """Store a finished step: acknowledged before the body goes on, or queued (pipelined)."""
+        if self._pipeline is not None:
+            return self._pipeline.add(step)
+        telemetry = self._telemetry.take()
+        return await self._store(lambda: self._storage.save_step(self.lease, step, telemetry))
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:
