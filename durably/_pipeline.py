@@ -79,6 +79,13 @@ class CheckpointPipeline:
             await self._changed.wait()
         return not self.failed
 
+    async def unstored(self, *, carry: bool) -> list[StepRecord] | None:
+        """Before the run's ending write: the steps it carries (``settle``), or none once all
+        are stored (``drain``). ``None`` if one could not be stored."""
+        if carry:
+            return await self.settle()
+        return [] if await self.drain() else None
+
     async def settle(self) -> list[StepRecord] | None:
         """Wait for the write in flight; the steps still queued, taken for the run's ending
         write to carry (``None`` if the pipeline failed)."""

@@ -124,12 +124,12 @@ class Execution:
         self._waiting_for: tuple[str, float | None] = ("", None)
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
-        self._pipeline: CheckpointPipeline | None = None
+        # Steps of a "sync" job are stored one by one, never queued: its pipeline stays empty.
+        self._pipelined = definition.checkpoints == "pipelined"
+        self._pipeline = CheckpointPipeline(
+            write=self._save_steps, broken=self._checkpoints_failed, spawn=spawn
+        )
         self._checkpoints_lost: StopReason = "lease_lost"  # why the pipeline stopped, if it did
-        if definition.checkpoints == "pipelined":
-            self._pipeline = CheckpointPipeline(
-                write=self._save_steps, broken=self._checkpoints_failed, spawn=spawn
-            )
         self._telemetry = TelemetryBuffer(
             store=self._save_telemetry,
             report=self._report,
@@ -214,7 +214,7 @@ class Execution:
     async def _finish(self, outcome: Outcome, *, duration: float) -> None:
         output, error, failed_step, cause = outcome
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
-        steps = await self._unstored_steps(carry=retry_in is None)
+        steps = await self._pipeline.unstored(carry=retry_in is None)
         if steps is None:  # a queued checkpoint was refused: nothing more is written
             self.stop_reason = self._checkpoints_lost
             await self._stopped()
@@ -261,7 +261,7 @@ class Execution:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
             # The queued checkpoints land before the lease is released (pipelined).
-            if await self._unstored_steps(carry=False) is None:
+            if not await self._pipeline.drain():
                 self._report(self._lease_lost_error(self._checkpoints_lost), "run execution")
                 return
             try:
@@ -299,19 +299,10 @@ class Execution:
             return "finished_elsewhere"
         return "lease_lost"
 
-    async def _unstored_steps(self, *, carry: bool) -> list[StepRecord] | None:
-        """Pipelined: the queued checkpoints for the ending write to carry (``carry``), once the
-        one in flight is acknowledged; else they are stored first. ``None``: one was refused."""
-        if self._pipeline is None:
-            return []
-        if carry:
-            return await self._pipeline.settle()
-        return [] if await self._pipeline.drain() else None
-
     async def _drained(self) -> None:
         """Before any other fenced write: the queued checkpoints are stored (pipelined), so it
         cannot overtake them; if one was refused, the execution stops here."""
-        if self._pipeline is not None and not await self._pipeline.drain():
+        if not await self._pipeline.drain():
             await self._lease_gone()
 
     async def _save_steps(self, steps: list[StepRecord]) -> bool:
@@ -328,7 +319,7 @@ class Execution:
         self.stop(self._checkpoints_lost)
 
     async def _save_telemetry(self, telemetry: Telemetry) -> bool:
-        if self._pipeline is not None and not await self._pipeline.drain():
+        if not await self._pipeline.drain():
             return False
         return await self._write(lambda: self._storage.save_telemetry(self.lease, telemetry))
 
@@ -399,7 +390,7 @@ class Execution:
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
-        if self._pipeline is not None and not await self._pipeline.room():
+        if not await self._pipeline.room():
             await self._lease_gone()
         attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
@@ -523,7 +514,7 @@ class Execution:
 
     async def _checkpoint(self, step: StepRecord) -> bool:
         """Store a finished step: acknowledged before the body goes on, or queued (pipelined)."""
-        if self._pipeline is not None:
+        if self._pipelined:
             return self._pipeline.add(step)
         telemetry = self._telemetry.take()
         return await self._store(lambda: self._storage.save_step(self.lease, step, telemetry))
