@@ -215,9 +215,8 @@ class Execution:
         output, error, failed_step, cause = outcome
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
         steps = await self._pipeline.unstored(carry=retry_in is None)
-        if steps is None:  # a queued checkpoint was refused: nothing more is written
-            self.stop_reason = self._checkpoints_lost
-            await self._stopped()
+        if steps is None:
+            await self._checkpoints_refused()
             return
         telemetry = self._telemetry.take()
         held: object
@@ -262,7 +261,7 @@ class Execution:
         if reason == "shutdown":
             # The queued checkpoints land before the lease is released (pipelined).
             if not await self._pipeline.drain():
-                self._report(self._lease_lost_error(self._checkpoints_lost), "run execution")
+                await self._checkpoints_refused()
                 return
             try:
                 await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
@@ -317,6 +316,11 @@ class Execution:
             self._report(exc, "storing steps; the run is left to be resumed when its lease expires")
             self._checkpoints_lost = "storage_lost"
         self.stop(self._checkpoints_lost)
+
+    async def _checkpoints_refused(self) -> None:
+        """A queued checkpoint could not be stored: nothing more is written, the reason reported."""
+        self.stop_reason = self._checkpoints_lost
+        await self._stopped()
 
     async def _save_telemetry(self, telemetry: Telemetry) -> bool:
         if not await self._pipeline.drain():

@@ -214,6 +214,34 @@ async def test_a_refused_batch_stores_nothing(storage: Any) -> None:
     assert (await storage.get_run(run.id)).status == "completed"
 
 
+async def _hang() -> None:
+    await anyio.sleep(30)
+
+
+async def _then_hang(step: StepContext, payload: dict[str, Any]) -> None:
+    for index in range(3):
+        await step.run(f"s{index}", _double, index)
+    await step.run("hang", _hang)
+
+
+async def test_on_shutdown_the_queued_checkpoints_land_before_the_lease_is_released(
+    database: Database,
+) -> None:
+    storage = WatchedStorage(database.open(), latency=0.2)  # the writes are still queued at the stop
+    durably = create_durably(storage, polling_interval=0.01, stale_threshold=3.0)  # type: ignore[arg-type]
+    job = define_job(name="hangs", input=dict[str, Any], run=_then_hang, checkpoints="pipelined")
+    started: list[Event] = []
+    durably.on("step:start", started.append)
+    async with _closing(durably.register(hangs=job)):
+        run = await durably.jobs.hangs.trigger({})
+        durably.start()
+        await _until(lambda: any(e.step_name == "hang" for e in started))  # type: ignore[attr-defined]
+        await durably.stop(timeout=0)
+        assert [s.name for s in await durably.get_steps(run.id)] == ["s0", "s1", "s2"]
+        released = await durably.get_run(run.id)
+    assert released is not None and released.status == "pending"  # released, not lost
+
+
 # --- the price: a crash, a lost lease ---------------------------------------------------
 
 
