@@ -3,8 +3,8 @@
 At most one checkpoint write of a run is in flight; the steps that finish meanwhile queue up
 and go together in the next write. The run's ending write carries the steps still queued
 (``settle``), and every other fenced write of the run first waits for the queue to be
-stored (``drain``), so no write of the run overtakes an earlier checkpoint: two requests
-in flight at once may commit in either order.
+stored (``drain``; a progress flush is deferred to the next write instead), so no write
+of the run overtakes an earlier checkpoint: two requests in flight may commit in either order.
 """
 
 from __future__ import annotations

@@ -323,8 +323,13 @@ class Execution:
         await self._stopped()
 
     async def _save_telemetry(self, telemetry: Telemetry) -> bool:
-        if not await self._pipeline.drain():
+        """A flush of progress and logs; while checkpoints are queued or in flight (pipelined)
+        it may not overtake them, so the next of those writes carries it instead."""
+        if self._pipeline.failed:
             return False
+        if self._pipeline.unacknowledged:
+            self._telemetry.defer(telemetry)
+            return True
         return await self._write(lambda: self._storage.save_telemetry(self.lease, telemetry))
 
     def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:

@@ -26,6 +26,7 @@ from durably import (
     StepContext,
     create_durably,
     define_job,
+    open_storage,
 )
 from durably._events import Event
 from durably._pipeline import MAX_UNACKNOWLEDGED
@@ -214,6 +215,50 @@ async def test_a_refused_batch_stores_nothing(storage: Any) -> None:
     assert (await storage.get_run(run.id)).status == "completed"
 
 
+async def _logs_between_steps(step: StepContext, payload: dict[str, Any]) -> None:
+    for index in range(3):
+        await step.run(f"s{index}", _double, index)
+        await anyio.sleep(0.05)  # the checkpoint write has left: the line is flushed on its own
+        step.log.info(f"after s{index}")
+
+
+async def test_logs_flushed_while_checkpoints_are_in_flight_are_not_lost(database: Database) -> None:
+    """A flush waits for the queued checkpoints; the run ending meanwhile must not drop its lines."""
+    durably, _ = _watched(database, latency=0.2)
+    job = define_job(name="logs", input=dict[str, Any], run=_logs_between_steps, checkpoints="pipelined")
+    async with _closing(durably.register(logs=job)):
+        run = await durably.jobs.logs.trigger({})
+        await durably.process_until_idle()
+        assert [log.message for log in await durably.get_logs(run.id)] == ["after s0", "after s1", "after s2"]
+
+
+async def _progress_then_long_step(step: StepContext, payload: dict[str, Any]) -> None:
+    await step.run("s0", _double, 0)
+    await anyio.sleep(0.05)  # s0's write is in flight: the flush may not overtake it
+    step.progress(1, 2)
+    await step.run("long", anyio.sleep, 3)
+
+
+async def test_progress_deferred_behind_a_checkpoint_still_lands_during_a_long_step(
+    database: Database,
+) -> None:
+    durably, _ = _watched(database, latency=0.2)
+    job = define_job(name="slow", input=dict[str, Any], run=_progress_then_long_step, checkpoints="pipelined")
+    completed: list[Event] = []
+    durably.on("step:complete", completed.append)
+    async with _closing(durably.register(slow=job)):
+        run = await durably.jobs.slow.trigger({})
+        durably.start()
+        with anyio.fail_after(10):
+            while True:
+                stored = await durably.get_run(run.id)
+                if stored is not None and stored.progress is not None:
+                    break
+                await anyio.sleep(0.05)
+        assert stored.progress.current == 1
+        assert [e.step_name for e in completed] == ["s0"]  # type: ignore[attr-defined]  # "long" still runs
+
+
 async def _hang() -> None:
     await anyio.sleep(30)
 
@@ -258,7 +303,11 @@ async def test_after_a_crash_the_steps_whose_checkpoints_had_not_landed_run_agai
     async with _closing(durably.register(crashy=child.crashy)):
         run = await durably.jobs.crashy.trigger({"counter": str(counter)})
         await _kill_while_hanging(tmp_path, args, counter)
-        landed = {s.name for s in await durably.get_steps(run.id)}
+        primary = open_storage(database.url)  # what landed, read where the child wrote it
+        try:
+            landed = {s.name for s in await primary.get_steps(run.id)}
+        finally:
+            await primary.close()
         assert landed == {"step0"}  # only the first write got through; steps 1-2 were queued
         async with durably:  # a fresh worker resumes once the dead one's lease expires
             done = await durably.wait_for_run(run.id, timeout=15)

@@ -31,6 +31,7 @@ FENCED = frozenset(
     }
 )
 _HELD = FENCED | {"renew_leases", "claim_runs"}
+CHECKPOINTS = frozenset({"save_step", "save_steps", "complete_run", "fail_run"})
 
 
 class WatchedStorage:
@@ -39,7 +40,7 @@ class WatchedStorage:
         self._latency = latency
         self.hold_after = hold_after
         self.writes: Counter[str] = Counter()  # fenced writes made, by method
-        self.in_flight = 0
+        self.in_flight = 0  # checkpoint writes (steps, completion, failure)
         self.most_in_flight = 0
         self.after_cut: list[str] = []  # the fenced writes and renewals attempted after the cut
 
@@ -60,13 +61,13 @@ class WatchedStorage:
                 await anyio.sleep_forever()
             if name in FENCED:
                 self.writes[name] += 1
-            self.in_flight += name in FENCED
+            self.in_flight += name in CHECKPOINTS
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:
                 if name in FENCED and self._latency:
                     await anyio.sleep(self._latency)
                 return await method(*args, **kwargs)
             finally:
-                self.in_flight -= name in FENCED
+                self.in_flight -= name in CHECKPOINTS
 
         return call
