@@ -21,8 +21,8 @@ from durably import Durably, StepContext, create_durably, define_job, open_stora
 STEPS = {"W3": 3, "W0": 0, "L": 3, "MEM": 3}
 
 
-def make_job(steps: int) -> Any:
-    @define_job(name=f"w{steps}", input=dict[str, Any])
+def make_job(steps: int, checkpoints: Any = "sync") -> Any:
+    @define_job(name=f"w{steps}", input=dict[str, Any], checkpoints=checkpoints)
     async def job(step: StepContext, payload: dict[str, Any]) -> dict[str, Any]:
         for k in range(steps):
             await step.run(f"s{k}", lambda k=k: {"i": k})

@@ -5,8 +5,12 @@
 Per RTT: the effective round trip (``SELECT 1`` through the proxy), L p50/p95, W3 drain at
 c=1/8/32 with requests and sqld transactions per run counted at the proxy
 (tests/support/latency.py says how), the round-trip model limit (c=1 W3 = 4 round trips
-per run, so at most 1 / (4 x RTT) runs/s) and, at 10 ms, 4 worker processes x c=8 against
-1 process x c=32 with the CPU seconds of every process involved.
+per run, so at most 1 / (4 x RTT) runs/s; sync only: pipelined, a run's outcome write
+overlaps the next run) and, at 10 ms, 4 worker processes x c=8 against 1 process x c=32
+with the CPU seconds of every process involved. L and the drains are measured with sync
+and with pipelined checkpoints.
+
+    python -m benchmarks._wan --checkpoints [RTT_MS ...]   # only those rows, both modes
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ RTTS_MS = (10, 40)
 # Runs per drain cell: each cell takes well under ~20 s at its latency.
 DRAIN_RUNS = {(10, 1): 200, (10, 8): 1000, (10, 32): 2000, (40, 1): 60, (40, 8): 400, (40, 32): 1000}
 FLEET_RUNS = 2000
+CHECKPOINTS = ("sync", "pipelined")
 FLEET_TIMEOUT = 90.0  # a fleet that has not drained by then reports how far it got
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -93,10 +98,10 @@ async def effective_rtt(url: str, samples: int = 20) -> float:
     return statistics.median(times[2:])
 
 
-async def drain(proxy: Proxy, conc: int, n: int) -> dict[str, float]:
+async def drain(proxy: Proxy, conc: int, n: int, checkpoints: str = "sync") -> dict[str, float]:
     """Trigger ``n`` W3 runs (one batch request), then time one worker draining them."""
     durably = create_durably(proxy.url, polling_interval=0.001, max_concurrent_runs=conc)
-    durably.register(job=make_job(3))
+    durably.register(job=make_job(3, checkpoints))
     try:
         await durably.migrate()
         for first in range(0, n, 500):
@@ -118,8 +123,8 @@ async def drain(proxy: Proxy, conc: int, n: int) -> dict[str, float]:
     }
 
 
-async def latency_cell(proxy: Proxy) -> dict[str, float]:
-    durably = create_durably(proxy.url, polling_interval=0.001).register(job=make_job(3))
+async def latency_cell(proxy: Proxy, checkpoints: str = "sync") -> dict[str, float]:
+    durably = create_durably(proxy.url, polling_interval=0.001).register(job=make_job(3, checkpoints))
     try:
         await durably.migrate()
         return await latency(durably, 50)
@@ -223,11 +228,15 @@ async def measure_rtt(root: Path, rtt_ms: int, node: Path | None) -> dict[str, A
     figures: dict[str, Any] = {}
     with behind_proxy(root, rtt_ms) as (_, proxy):
         figures["rtt_eff_ms"] = await effective_rtt(proxy.url) * 1000
-        figures["L"] = await latency_cell(proxy)
-    for conc in (1, 8, 32):
+    for mode in CHECKPOINTS:
         with behind_proxy(root, rtt_ms) as (_, proxy):
-            figures[f"c={conc}"] = await drain(proxy, conc, DRAIN_RUNS[(rtt_ms, conc)])
-        print(f"# {rtt_ms} ms c={conc}: {figures[f'c={conc}']}", file=sys.stderr)
+            figures[f"{mode} L"] = await latency_cell(proxy, mode)
+        print(f"# {rtt_ms} ms {mode} L: {figures[f'{mode} L']}", file=sys.stderr)
+        for conc in (1, 8, 32):
+            with behind_proxy(root, rtt_ms) as (_, proxy):
+                cell = await drain(proxy, conc, DRAIN_RUNS[(rtt_ms, conc)], mode)
+            figures[f"{mode} c={conc}"] = cell
+            print(f"# {rtt_ms} ms {mode} c={conc}: {cell}", file=sys.stderr)
     if node is not None:
         small = 50 if rtt_ms == 10 else 20
         for conc in (1, 8, 32):
@@ -244,26 +253,8 @@ def print_table(by_rtt: dict[int, dict[str, Any]], fleets: dict[str, dict[str, f
     print("| RTT (effective) | figure | durably | Node original |")
     print("| --- | --- | --- | --- |")
     for rtt_ms, f in by_rtt.items():
-        eff = f["rtt_eff_ms"]
-        where = f"{rtt_ms} ms ({eff:.1f})"
-        node = f.get("node L", {})
-        node_l = f"{node['p50_ms']:.0f} / {node['p95_ms']:.0f} ms" if "p50_ms" in node else _node_error(node)
-        print(f"| {where} | L p50 / p95 | {f['L']['p50_ms']:.0f} / {f['L']['p95_ms']:.0f} ms | {node_l} |")
-        for conc in (1, 8, 32):
-            cell, node = f[f"c={conc}"], f.get(f"node c={conc}", {})
-            node_text = _node_error(node)
-            if "drain_runs_per_s" in node:
-                node_text = f"{node['drain_runs_per_s']:.1f} runs/s, {node['req_per_run_drain']:.1f} req/run"
-            print(
-                f"| {where} | W3 drain c={conc} (n={DRAIN_RUNS[(rtt_ms, conc)]})"
-                f" | {cell['runs_per_s']:.1f} runs/s, {cell['requests_per_run']:.2f} req/run,"
-                f" {cell['transactions_per_run']:.2f} txn/run | {node_text} |"
-            )
-        limit = 1 / (4 * eff / 1000)
-        print(
-            f"| {where} | model limit c=1 = 1 / (4 x {eff:.1f} ms) | {limit:.1f} runs/s;"
-            f" reached {f['c=1']['runs_per_s'] / limit:.0%} | |"
-        )
+        for mode in CHECKPOINTS:
+            _print_rows(rtt_ms, f, mode)
     if fleets:
         one, many = fleets["1 x c=32"], fleets["4 x c=8"]
         print(f"\nMany hosts at 10 ms, {FLEET_RUNS} runs (CPU seconds during the drain):")
@@ -275,6 +266,35 @@ def print_table(by_rtt: dict[int, dict[str, Any]], fleets: dict[str, dict[str, f
                 f" machine {f['machine_busy_fraction']:.0%} busy"
             )
         print(f"- ratio 4 x c=8 / 1 x c=32: {many['runs_per_s'] / one['runs_per_s']:.2f}")
+
+
+def _print_rows(rtt_ms: int, f: dict[str, Any], mode: str) -> None:
+    """The L, drain and model rows of one RTT and one checkpoints mode (Node beside sync)."""
+    eff, where = f["rtt_eff_ms"], f"{rtt_ms} ms ({f['rtt_eff_ms']:.1f})"
+    label = "" if mode == "sync" else ", pipelined"
+    node = f.get("node L", {}) if mode == "sync" else {}
+    node_l = f"{node['p50_ms']:.0f} / {node['p95_ms']:.0f} ms" if "p50_ms" in node else _node_error(node)
+    latency = f[f"{mode} L"]
+    print(
+        f"| {where} | L p50 / p95{label} | {latency['p50_ms']:.0f} / {latency['p95_ms']:.0f} ms | {node_l} |"
+    )
+    for conc in (1, 8, 32):
+        cell = f[f"{mode} c={conc}"]
+        node = f.get(f"node c={conc}", {}) if mode == "sync" else {}
+        node_text = _node_error(node)
+        if "drain_runs_per_s" in node:
+            node_text = f"{node['drain_runs_per_s']:.1f} runs/s, {node['req_per_run_drain']:.1f} req/run"
+        print(
+            f"| {where} | W3 drain c={conc} (n={DRAIN_RUNS[(rtt_ms, conc)]}){label}"
+            f" | {cell['runs_per_s']:.1f} runs/s, {cell['requests_per_run']:.2f} req/run,"
+            f" {cell['transactions_per_run']:.2f} txn/run | {node_text} |"
+        )
+    if mode == "sync":
+        limit = 1 / (4 * eff / 1000)
+        print(
+            f"| {where} | model limit c=1 = 1 / (4 x {eff:.1f} ms) | {limit:.1f} runs/s;"
+            f" reached {f['sync c=1']['runs_per_s'] / limit:.0%} | |"
+        )
 
 
 def _node_error(node: dict[str, Any]) -> str:
@@ -293,6 +313,14 @@ async def run(node: Path | None) -> None:
     print(f"\n({time.perf_counter() - started:.0f} s; {os.cpu_count()} cores)")
 
 
+async def checkpoint_rows(rtts: list[int]) -> None:
+    """Only the L and drain rows, sync and pipelined, at ``rtts``: no fleet, no Node."""
+    root = Path(tempfile.mkdtemp(prefix="durably-wan-"))
+    print_table({rtt: await measure_rtt(root, rtt, None) for rtt in rtts}, {})
+
+
 if __name__ == "__main__":
-    # python -m benchmarks._wan --host URL --conc N: one worker process of the fleet row.
-    asyncio.run(host(sys.argv[2], int(sys.argv[4])))
+    if sys.argv[1] == "--checkpoints":
+        asyncio.run(checkpoint_rows([int(rtt) for rtt in sys.argv[2:]] or list(RTTS_MS)))
+    else:  # python -m benchmarks._wan --host URL --conc N: one worker process of the fleet row.
+        asyncio.run(host(sys.argv[2], int(sys.argv[4])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 from durably._models import LogEntry, Progress, Run, RunResult
 from durably._retry import RetryPolicy, check_policy
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
+
+Checkpoints = Literal["sync", "pipelined"]
+"""When a step's checkpoint must be acknowledged: before the next step starts, or later (SPEC §3)."""
+_CHECKPOINTS = ("sync", "pipelined")
 
 JobFunction = Callable[["StepContext", InputT], Awaitable[OutputT]]
 """What ``define_job`` wraps: ``async def job(step, payload: In) -> Out``."""
@@ -44,6 +48,7 @@ class JobDefinition(Generic[InputT, OutputT]):
         output: Any,
         run: JobFunction[InputT, OutputT],
         retries: RetryPolicy | None = None,
+        checkpoints: Checkpoints = "sync",
     ) -> None:
         self.name: str = name
         # Any: besides classes, msgspec converts to unions, Literals, Annotated…
@@ -51,6 +56,7 @@ class JobDefinition(Generic[InputT, OutputT]):
         self.output_type: Any = Any if output is None else output
         self.run: JobFunction[InputT, OutputT] = run
         self.retries = retries
+        self.checkpoints: Checkpoints = checkpoints
 
     def __repr__(self) -> str:
         return f"JobDefinition(name={self.name!r})"
@@ -81,6 +87,7 @@ def define_job(
     output: type[OutputT],
     run: None = None,
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> Callable[[JobFunction[InputT, OutputT]], JobDefinition[InputT, OutputT]]: ...
 
 
@@ -92,18 +99,31 @@ def define_job(
     output: object = None,
     run: None = None,
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> Callable[[JobFunction[InputT, Any]], JobDefinition[InputT, Any]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: object, output: type[OutputT], run: None = None, retries: RetryPolicy | None = None
+    *,
+    name: str,
+    input: object,
+    output: type[OutputT],
+    run: None = None,
+    retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> Callable[[JobFunction[Any, OutputT]], JobDefinition[Any, OutputT]]: ...
 
 
 @overload
 def define_job(
-    *, name: str, input: object, output: object = None, run: None = None, retries: RetryPolicy | None = None
+    *,
+    name: str,
+    input: object,
+    output: object = None,
+    run: None = None,
+    retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]: ...
 
 
@@ -115,6 +135,7 @@ def define_job(
     output: type[OutputT],
     run: JobFunction[InputT, OutputT],
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> JobDefinition[InputT, OutputT]: ...
 
 
@@ -126,6 +147,7 @@ def define_job(
     output: None = None,
     run: JobFunction[InputT, Any],
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> JobDefinition[InputT, Any]: ...
 
 
@@ -137,6 +159,7 @@ def define_job(
     output: object = None,
     run: JobFunction[Any, Any],
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> JobDefinition[Any, Any]: ...
 
 
@@ -147,21 +170,30 @@ def define_job(
     output: object = None,
     run: JobFunction[Any, Any] | None = None,
     retries: RetryPolicy | None = None,
+    checkpoints: Checkpoints = "sync",
 ) -> JobDefinition[Any, Any] | Callable[[JobFunction[Any, Any]], JobDefinition[Any, Any]]:
     """Define a job; a decorator when ``run`` is omitted.
 
     ``input`` and ``output`` are any types msgspec can convert to; ``output=None``
     accepts any JSON value. ``retries`` retries a failed run with backoff (SPEC §12);
-    none by default. Returns a ``JobDefinition``, not the function.
+    none by default. ``checkpoints="pipelined"`` lets the next step start before the
+    last one's checkpoint is acknowledged (SPEC §3; its price: docs/guarantees.md).
+    Returns a ``JobDefinition``, not the function.
     """
     _check_name(name)
     policy = check_policy(retries, f"job {name!r}")
+    if checkpoints not in _CHECKPOINTS:
+        raise ConfigurationError(
+            f"job {name!r}: checkpoints must be 'sync' or 'pipelined', got {checkpoints!r}"
+        )
     if input is None:
         raise ConfigurationError(f"job {name!r}: input= is required (use dict[str, Any] for free-form JSON)")
 
     def build(fn: JobFunction[Any, Any]) -> JobDefinition[Any, Any]:
         _check_run(name, fn)
-        return JobDefinition(name=name, input=input, output=output, run=fn, retries=policy)
+        return JobDefinition(
+            name=name, input=input, output=output, run=fn, retries=policy, checkpoints=checkpoints
+        )
 
     if run is None:
         return build

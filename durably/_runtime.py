@@ -35,9 +35,10 @@ from durably._events import (
     WorkerErrorEvent,
 )
 from durably._models import ClaimedRun, Finished, LogEntry, LogLevel, Progress
+from durably._pipeline import CheckpointPipeline
 from durably._retry import RetryPolicy, StepAttempts, next_delay
 from durably._steps import StepContext, call_step_function, checked_progress, encode_result
-from durably._storage._protocol import Lease, StepRecord, Storage, WaitRequest, WaitResult
+from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
 from durably._telemetry import TelemetryBuffer
 from durably._waits import Suspend
 from durably.errors import LeaseLostError, StorageError, ValidationError
@@ -126,8 +127,14 @@ class Execution:
         self.wake_at: float | None = None
         self._next_index = 0
         self._step_errors: list[tuple[BaseException, str]] = []
+        # Steps of a "sync" job are stored one by one, never queued: its pipeline stays empty.
+        self._pipelined = definition.checkpoints == "pipelined"
+        self._pipeline = CheckpointPipeline(
+            write=self._save_steps, broken=self._checkpoints_failed, spawn=spawn
+        )
+        self._checkpoints_lost: StopReason = "lease_lost"  # why the pipeline stopped, if it did
         self._telemetry = TelemetryBuffer(
-            store=lambda telemetry: self._write(lambda: self._storage.save_telemetry(self.lease, telemetry)),
+            store=self._save_telemetry,
             report=self._report,
             lease_gone=self._telemetry_refused,
             spawn=spawn,
@@ -209,20 +216,28 @@ class Execution:
 
     async def _finish(self, outcome: Outcome, *, duration: float) -> None:
         output, error, failed_step, cause = outcome
-        telemetry = self._telemetry.take()
         retry_in = None if cause is None else next_delay(self._definition.retries, cause, self.attempt)
+        steps = await self._pipeline.unstored(carry=retry_in is None)
+        if steps is None:
+            await self._checkpoints_refused()
+            return
+        telemetry = self._telemetry.take()
         held: object
         try:
             if error is None:
                 assert output is not None
-                held = await self._write(lambda: self._storage.complete_run(self.lease, output, telemetry))
+                held = await self._write(
+                    lambda: self._storage.complete_run(self.lease, output, telemetry, steps=steps)
+                )
             elif retry_in is not None:
                 delay = retry_in
                 held = await self._write(
                     lambda: self._storage.retry_run_later(self.lease, error, delay, telemetry)
                 )
             else:
-                held = await self._write(lambda: self._storage.fail_run(self.lease, error, telemetry))
+                held = await self._write(
+                    lambda: self._storage.fail_run(self.lease, error, telemetry, steps=steps)
+                )
         except StorageError as exc:
             # The lease will expire and another worker (or this one) resumes the run.
             self._report(exc, "storing the outcome of a run")
@@ -248,6 +263,10 @@ class Execution:
     async def _stopped(self) -> None:
         reason = self.stop_reason or "shutdown"
         if reason == "shutdown":
+            # The queued checkpoints land before the lease is released (pipelined).
+            if not await self._pipeline.drain():
+                await self._checkpoints_refused()
+                return
             try:
                 await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
             except StorageError as exc:
@@ -282,6 +301,40 @@ class Execution:
         if run.status in ("completed", "failed"):
             return "finished_elsewhere"
         return "lease_lost"
+
+    async def _drained(self) -> None:
+        """Before any other fenced write: the queued checkpoints are stored (pipelined), so it
+        cannot overtake them; if one was refused, the execution stops here."""
+        if not await self._pipeline.drain():
+            await self._lease_gone()
+
+    async def _save_steps(self, steps: list[StepRecord]) -> bool:
+        telemetry = self._telemetry.take()
+        return await self._write(lambda: self._storage.save_steps(self.lease, steps, telemetry))
+
+    async def _checkpoints_failed(self, exc: Exception | None) -> None:
+        """A pipelined checkpoint write failed (``exc``) or was refused (``None``): stop."""
+        if exc is None:
+            self._checkpoints_lost = await self.why_lease_gone()
+        else:
+            self._report(exc, "storing steps; the run is left to be resumed when its lease expires")
+            self._checkpoints_lost = "storage_lost"
+        self.stop(self._checkpoints_lost)
+
+    async def _checkpoints_refused(self) -> None:
+        """A queued checkpoint could not be stored: nothing more is written, the reason reported."""
+        self.stop_reason = self._checkpoints_lost
+        await self._stopped()
+
+    async def _save_telemetry(self, telemetry: Telemetry) -> bool:
+        """A flush of progress and logs; while checkpoints are queued or in flight (pipelined)
+        it may not overtake them, so the next of those writes carries it instead."""
+        if self._pipeline.failed:
+            return False
+        if self._pipeline.unacknowledged:
+            self._telemetry.defer(telemetry)
+            return True
+        return await self._write(lambda: self._storage.save_telemetry(self.lease, telemetry))
 
     def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
         return bounded(call, self._storage_timeout, f"run {self.run_id}")
@@ -350,6 +403,8 @@ class Execution:
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._end_replay()
+        if not await self._pipeline.room():
+            await self._lease_gone()
         attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
             return await self._execute_step(
@@ -380,6 +435,7 @@ class Execution:
         When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
         """
         self._end_replay()
+        await self._drained()
         telemetry = self._telemetry.take()
         result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
         if result.state == "lost":
@@ -418,9 +474,9 @@ class Execution:
                 ),
             )
             output = encode_result(name, value, type_)
-            telemetry = self._telemetry.take()
-            done = record(output=output, completed_at=_clock.now(), attempts=attempts.count)
-            held = await self._store(lambda: self._storage.save_step(self.lease, done, telemetry))
+            held = await self._checkpoint(
+                record(output=output, completed_at=_clock.now(), attempts=attempts.count)
+            )
         except Exception as exc:
             await self._step_failed(
                 record(error=describe(exc), completed_at=_clock.now(), attempts=attempts.count), exc
@@ -451,6 +507,7 @@ class Execution:
             error=failed.error,
             retry_in=delay,
         )
+        await self._drained()
         telemetry = self._telemetry.take()
         if delay <= self._lease_seconds:
             if not await self._store(lambda: self._storage.save_step(self.lease, failed, telemetry)):
@@ -466,10 +523,16 @@ class Execution:
 
     async def _step_failed(self, record: StepRecord, exc: Exception) -> None:
         self._step_errors.append((exc, record.name))
-        telemetry = self._telemetry.take()
-        if not await self._store(lambda: self._storage.save_step(self.lease, record, telemetry)):
+        if not await self._checkpoint(record):
             await self._lease_gone()
         self._emit(StepFailEvent, step_name=record.name, step_index=record.index, error=record.error)
+
+    async def _checkpoint(self, step: StepRecord) -> bool:
+        """Store a finished step: acknowledged before the body goes on, or queued (pipelined)."""
+        if self._pipelined:
+            return self._pipeline.add(step)
+        telemetry = self._telemetry.take()
+        return await self._store(lambda: self._storage.save_step(self.lease, step, telemetry))
 
     @staticmethod
     def _result(data: bytes, type_: Any, name: str) -> Any:

@@ -67,6 +67,12 @@ class TelemetryBuffer:
         if self._pending.progress is None:
             self._pending.progress = unstored.progress
 
+    def defer(self, unstored: Telemetry) -> None:
+        """Not stored now (it must not overtake a write in flight): kept for the next write,
+        or for a flush within ``PERIOD``."""
+        self.put_back(unstored)
+        self._changed()
+
     def close(self) -> None:
         """No more periodic writes: the run's outcome write carries what is left."""
         self._closed = True

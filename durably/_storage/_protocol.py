@@ -176,18 +176,29 @@ class Storage(Protocol):
         """Store a finished step (replacing a failed one of the same name) if the lease is held."""
         ...
 
+    async def save_steps(self, lease: Lease, steps: Sequence[StepRecord], telemetry: Telemetry) -> bool:
+        """Store ``steps`` (at least one; as ``save_step`` each) and ``telemetry`` in one atomic
+        write if the lease is held; nothing if not. Re-sending is safe: a step's row is replaced."""
+        ...
+
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
         """Store progress and logs if the lease is held."""
         ...
 
-    async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
+    async def complete_run(
+        self, lease: Lease, output: bytes, telemetry: Telemetry, *, steps: Sequence[StepRecord] = ()
+    ) -> bool:
         """Mark the run ``completed`` with ``output`` (JSON) and drop the lease, if held.
 
-        The last child of a waiting parent to end (completed, failed or cancelled) wakes it
-        in the same write (here, in ``fail_run`` and in ``cancel_run``)."""
+        ``steps`` not stored yet (pipelined checkpoints, SPEC §3) are stored in the same
+        atomic write, before it (here and in ``fail_run``). The last child of a waiting parent
+        to end (completed, failed or cancelled) wakes it in the same write (here, in
+        ``fail_run`` and in ``cancel_run``)."""
         ...
 
-    async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
+    async def fail_run(
+        self, lease: Lease, error: str, telemetry: Telemetry, *, steps: Sequence[StepRecord] = ()
+    ) -> bool:
         """Mark the run ``failed`` with ``error`` and drop the lease, if held."""
         ...
 

@@ -66,25 +66,30 @@ def _log_statements(lease: Lease, telemetry: Telemetry) -> list[Statement]:
     return [(q.SAVE_LOGS, (lease.run_id, _codec.encode(lines).decode(), lease.run_id, lease.generation))]
 
 
-def _save_step_statements(lease: Lease, step: StepRecord, telemetry: Telemetry) -> list[Statement]:
-    statements: list[Statement] = [
+def _step_statement(lease: Lease, step: StepRecord) -> Statement:
+    return (
+        q.SAVE_STEP,
         (
-            q.SAVE_STEP,
-            (
-                lease.run_id,
-                step.name,
-                step.index,
-                "failed" if step.error is not None else "completed",
-                None if step.output is None else step.output.decode(),
-                step.error,
-                step.started_at,
-                step.completed_at,
-                step.attempts,
-                lease.run_id,
-                lease.generation,
-            ),
-        )
-    ]
+            lease.run_id,
+            step.name,
+            step.index,
+            "failed" if step.error is not None else "completed",
+            None if step.output is None else step.output.decode(),
+            step.error,
+            step.started_at,
+            step.completed_at,
+            step.attempts,
+            lease.run_id,
+            lease.generation,
+        ),
+    )
+
+
+def _save_steps_statements(
+    lease: Lease, steps: Sequence[StepRecord], telemetry: Telemetry
+) -> list[Statement]:
+    """The steps first (each guarded by the lease), then the progress and logs riding along."""
+    statements = [_step_statement(lease, step) for step in steps]
     if telemetry.progress is not None:
         progress = _progress_json(telemetry.progress)
         statements.append((q.SAVE_PROGRESS, (progress, lease.run_id, lease.generation)))
@@ -242,16 +247,30 @@ class SqlStorage:
         [rows] = await self._driver.write([(q.RENEW_LEASES, (lease_seconds, ids, pairs))])
         return {as_text(row[0]) for row in rows}
 
-    async def _guarded(self, lease: Lease, main: Statement, telemetry: Telemetry, *after: Statement) -> bool:
-        # Logs first: once ``main`` ends the lease, their guard would refuse them.
-        logs = _log_statements(lease, telemetry)
-        results = await self._driver.write([*logs, main, *after])
-        return _held(results[len(logs)])
+    async def _guarded(
+        self,
+        lease: Lease,
+        main: Statement,
+        telemetry: Telemetry,
+        *after: Statement,
+        steps: Sequence[StepRecord] = (),
+    ) -> bool:
+        # Steps and logs first: once ``main`` ends the lease, their guard would refuse them.
+        first = [_step_statement(lease, step) for step in steps] + _log_statements(lease, telemetry)
+        results = await self._driver.write([*first, main, *after])
+        return _held(results[len(first)])
 
-    async def _ending(self, lease: Lease, main: Statement, telemetry: Telemetry, status: str) -> bool:
-        """``_guarded`` for a write that ends the lease leaving the run in ``status``; a parent
-        waiting for this run as its last child wakes in the same write."""
-        if await self._guarded(lease, main, telemetry, (q.WAKE_PARENT, (lease.run_id,))):
+    async def _ending(
+        self,
+        lease: Lease,
+        main: Statement,
+        telemetry: Telemetry,
+        status: str,
+        steps: Sequence[StepRecord] = (),
+    ) -> bool:
+        """``_guarded`` for a write that ends the lease leaving the run in ``status``, storing
+        ``steps`` before; a parent waiting for this run as its last child wakes in the same write."""
+        if await self._guarded(lease, main, telemetry, (q.WAKE_PARENT, (lease.run_id,)), steps=steps):
             return True
         # Perhaps an earlier send of this very write ended it and the connection lost the answer
         # (SPEC §15): only this lease's holder can leave the run so under this generation.
@@ -263,7 +282,10 @@ class SqlStorage:
         return await self._ending(lease, (q.RELEASE_LEASE, params), telemetry, "pending")
 
     async def save_step(self, lease: Lease, step: StepRecord, telemetry: Telemetry) -> bool:
-        results = await self._driver.write(_save_step_statements(lease, step, telemetry))
+        return await self.save_steps(lease, [step], telemetry)
+
+    async def save_steps(self, lease: Lease, steps: Sequence[StepRecord], telemetry: Telemetry) -> bool:
+        results = await self._driver.write(_save_steps_statements(lease, steps, telemetry))
         return _held(results[0])
 
     async def save_telemetry(self, lease: Lease, telemetry: Telemetry) -> bool:
@@ -276,13 +298,17 @@ class SqlStorage:
             progress = ("SELECT 1 FROM durably_runs WHERE " + q.HELD, (lease.run_id, lease.generation))
         return await self._guarded(lease, progress, telemetry)
 
-    async def complete_run(self, lease: Lease, output: bytes, telemetry: Telemetry) -> bool:
+    async def complete_run(
+        self, lease: Lease, output: bytes, telemetry: Telemetry, *, steps: Sequence[StepRecord] = ()
+    ) -> bool:
         params = (output.decode(), _progress_json(telemetry.progress), lease.run_id, lease.generation)
-        return await self._ending(lease, (q.COMPLETE_RUN, params), telemetry, "completed")
+        return await self._ending(lease, (q.COMPLETE_RUN, params), telemetry, "completed", steps)
 
-    async def fail_run(self, lease: Lease, error: str, telemetry: Telemetry) -> bool:
+    async def fail_run(
+        self, lease: Lease, error: str, telemetry: Telemetry, *, steps: Sequence[StepRecord] = ()
+    ) -> bool:
         params = (error, _progress_json(telemetry.progress), lease.run_id, lease.generation)
-        return await self._ending(lease, (q.FAIL_RUN, params), telemetry, "failed")
+        return await self._ending(lease, (q.FAIL_RUN, params), telemetry, "failed", steps)
 
     async def retry_run_later(
         self, lease: Lease, error: str, delay: float, telemetry: Telemetry
@@ -292,7 +318,7 @@ class SqlStorage:
     async def postpone_run(
         self, lease: Lease, step: StepRecord, delay: float, telemetry: Telemetry
     ) -> datetime | None:
-        save = _save_step_statements(lease, step, _NOTHING)
+        save = _save_steps_statements(lease, [step], _NOTHING)
         return await self._wake_later(lease, save, (0, None, delay), telemetry)
 
     async def _wake_later(

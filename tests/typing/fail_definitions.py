@@ -34,6 +34,7 @@ async def _takes_str(step: StepContext, payload: str) -> ImageOut:
 
 
 missing_input = define_job(name="no-input", output=ImageOut, run=_takes_str)  # E: call-overload
+eventually = define_job(name="eventually", input=str, run=_takes_str, checkpoints="soon")  # E: call-overload
 
 
 @define_job(name="typed-steps", input=ImageIn, output=ImageOut)

@@ -40,6 +40,11 @@ async def _bill(step: StepContext, payload: Order) -> Receipt:
 
 bill = define_job(name="bill", input=Order, output=Receipt, run=_bill)
 assert_type(bill, JobDefinition[Order, Receipt])
+# checkpoints= (SPEC §3) keeps the types, in both forms.
+assert_type(
+    define_job(name="bill-fast", input=Order, output=Receipt, run=_bill, checkpoints="pipelined"),
+    JobDefinition[Order, Receipt],
+)
 
 
 @define_job(name="free-form", input=dict[str, Any], retries=RetryPolicy(initial_delay=timedelta(seconds=2)))
@@ -51,7 +56,7 @@ async def free_form(step: StepContext, payload: dict[str, Any]) -> list[str]:
 assert_type(free_form, JobDefinition[dict[str, Any], Any])
 
 
-@define_job(name="counts", input=list[int], output=dict[str, int])
+@define_job(name="counts", input=list[int], output=dict[str, int], checkpoints="sync")
 async def counts(step: StepContext, payload: list[int]) -> dict[str, int]:
     return {"n": len(payload)}
 
