@@ -22,6 +22,7 @@ from durably._events import (
     Event,
     EventBus,
     LogWriteEvent,
+    RunCancelEvent,
     RunCompleteEvent,
     RunFailEvent,
     RunProgressEvent,
@@ -52,10 +53,19 @@ _logger = structlog.get_logger("durably")
 _current_step: ContextVar[str | None] = ContextVar("durably_current_step", default=None)
 
 
+# "cancelled": by this process, which announced it; "cancelled_elsewhere": found cancelled
+# by another process when a write or renewal was refused, so announced here (SPEC §7, §10);
 # "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12);
 # "waiting": the run waits (a sleep, a signal, its children) and holds no lease.
 StopReason = Literal[
-    "cancelled", "lease_lost", "finished_elsewhere", "shutdown", "storage_lost", "postponed", "waiting"
+    "cancelled",
+    "cancelled_elsewhere",
+    "lease_lost",
+    "finished_elsewhere",
+    "shutdown",
+    "storage_lost",
+    "postponed",
+    "waiting",
 ]
 # The end of a job body: (output JSON, error, failed step, the exception behind the error).
 Outcome = tuple[bytes | None, str | None, str | None, Exception | None]
@@ -271,8 +281,10 @@ class Execution:
                 await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
             except StorageError as exc:
                 self._report(exc, "releasing a lease on shutdown")
-        elif reason == "cancelled":
+        elif reason in ("cancelled", "cancelled_elsewhere"):
             self._on_finished(self.run_id, "cancelled", None, None)
+            if reason == "cancelled_elsewhere":
+                self._emit(RunCancelEvent)
         elif reason == "waiting":
             waiting_for, wake_at = self._waiting_for
             self._emit(RunWaitEvent, waiting_for=waiting_for, wake_at=_clock.to_datetime(wake_at))
@@ -296,8 +308,10 @@ class Execution:
         except Exception as exc:  # the lease is gone for sure; only the reason is unknown
             self._report(exc, "reading a run whose lease was refused")
             return "lease_lost"
-        if run is None or run.status == "cancelled":
+        if run is None:  # deleted: it had ended, and whoever ended it announced it
             return "cancelled"
+        if run.status == "cancelled":
+            return "cancelled_elsewhere"
         if run.status in ("completed", "failed"):
             return "finished_elsewhere"
         return "lease_lost"

@@ -217,8 +217,8 @@ _EndEvent = RunCompleteEvent | RunFailEvent | RunCancelEvent
 class _RunEnds:
     """Prints a line for each run that ends in this process: id, job, status, duration."""
 
-    # Runs released on shutdown or cancelled by another process send no ending event
-    # here; bound the map so they cannot make it grow.
+    # Runs released on shutdown send no ending event here (a run cancelled by another
+    # process does: its worker announces it); bound the map so they cannot make it grow.
     _TRACKED = 10_000
 
     def __init__(self, app: Durably) -> None:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -357,6 +358,26 @@ def test_the_worker_runs_pending_runs_and_stops_gracefully_on_sigterm(cli: Cli) 
     assert re.fullmatch(rf"{failing} fail failed \d+\.\d\ds RuntimeError: bad news", ended[failing])
     seconds = float(ended[slow].split()[3].removesuffix("s"))
     assert ended[slow].startswith(f"{slow} slow completed ") and 1.5 <= seconds < 10
+
+
+def test_the_worker_prints_a_line_for_a_run_another_process_cancelled(cli: Cli) -> None:
+    slow = cli.trigger("slow", '{"seconds": 30}')
+    worker = cli.popen("worker", "--app", APP)
+    printed: list[str] = []
+    try:
+        assert worker.stdout is not None
+        reader = threading.Thread(target=lambda: printed.extend(worker.stdout), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        wait_until(lambda: {r["id"]: r["status"] for r in cli.runs()}[slow] == "leased")
+        cli.ok("cancel", "--db", cli.url, slow)  # this process, not the worker's
+        wait_until(lambda: bool(printed))
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=20)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, stderr
+    assert len(printed) == 1 and re.fullmatch(rf"{slow} slow cancelled \d+\.\d\ds\n", printed[0]), printed
 
 
 def test_a_quiet_worker_prints_no_line_per_run(cli: Cli) -> None:
