@@ -44,9 +44,8 @@ async def _claim_seconds(url: str, n: int) -> float:
         times = []
         for _ in range(n):
             started = time.perf_counter()
-            [claimed] = await storage.claim_runs(
-                worker_id="w", job_names=["ready"], limit=1, lease_seconds=30
-            )
+            claim = await storage.claim_runs(worker_id="w", job_names=["ready"], limit=1, lease_seconds=30)
+            [claimed] = claim.runs
             times.append(time.perf_counter() - started)
             await storage.complete_run(Lease(claimed.run.id, claimed.lease_generation), b"1", _NOTHING)
         return statistics.median(times)

@@ -4,8 +4,9 @@ Turso bills every request and every row read, so an idle worker backs off: each 
 wait is twice the last, from ``polling_interval`` up to ``max_polling_interval``.
 Whatever may mean work starts it over (the worker calls ``restart()``), and so may a
 due time this process knows: a run that began to wait here, a retry postponed here, a
-delayed trigger made here. The idle wait never runs past the earliest of those, so
-they are claimed as promptly as without the backoff.
+delayed trigger made here. Each idle claim also tells when the next run of the worker's
+jobs becomes due, whichever host made it wait (``learn()``). The idle wait never runs
+past the earliest of those, so they are claimed as promptly as without the backoff.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class IdlePolling:
         self._ceiling = ceiling
         self._next = interval
         self._due: list[float] = []  # sorted
+        self._learned = math.inf
 
     def restart(self) -> None:
         """Something may mean work: the next idle wait is ``polling_interval`` again."""
@@ -42,12 +44,21 @@ class IdlePolling:
         bisect.insort(self._due, at)
         del self._due[MAX_DUE_TIMES:]
 
+    def learn(self, at: float) -> None:
+        """The database said the next run becomes due at ``at`` (monotonic seconds; infinity:
+        none by time). Each answer replaces the last: a run cancelled meanwhile is forgotten."""
+        self._learned = at
+
     def earliest_due(self) -> float:
         """The earliest due time known (monotonic seconds); infinity if none."""
-        return self._due[0] if self._due else math.inf
+        return min(self._due[0] if self._due else math.inf, self._learned)
 
     def take_due(self, now: float) -> bool:
-        """Forget the due times up to ``now``; whether there were any (then look for work)."""
+        """Forget the due times up to ``now``; whether one known here was among them (then
+        look for work, polling from the start). A learned one only ends the wait: the claim
+        that follows takes its run, or learns the next due time if it was cancelled."""
+        if self._learned <= now:
+            self._learned = math.inf
         passed = bisect.bisect_right(self._due, now)
         del self._due[:passed]
         return passed > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import secrets
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from durably._events import EventBus, WorkerErrorEvent
 from durably._models import ClaimedRun, Finished
 from durably._polling import IdlePolling
 from durably._runtime import Execution, bounded, describe
-from durably._storage._protocol import Lease, LeaseOffer, Storage, Telemetry
+from durably._storage._protocol import Claim, Lease, LeaseOffer, Storage, Telemetry
 from durably.errors import StorageError
 
 if TYPE_CHECKING:
@@ -182,7 +183,9 @@ class Worker:
         free = self._free()
         if free <= 0:
             return False
-        claimed = await self.claim(free)
+        claim = await self.claim(free)
+        self._note_next_due(claim)
+        claimed = claim.runs
         # A trigger here may have been promised a slot meanwhile (and filled it): the runs
         # past the slots left go back to pending, so max_concurrent_runs holds.
         room = max(self._free(), 0)
@@ -190,6 +193,14 @@ class Worker:
             self._start(task_group, run)
         await self._release(claimed[room:], "giving back runs claimed past the free slots")
         return len(claimed) == free
+
+    def _note_next_due(self, claim: Claim) -> None:
+        """The idle wait ends when the claim said the next run becomes due, counted from
+        when its answer came (never early, whatever this host's clock says)."""
+        if claim.next_due_in is not None:
+            self._polling.learn(anyio.current_time() + claim.next_due_in)
+        elif not claim.runs:  # none due by time; a local claim that took runs did not read it
+            self._polling.learn(math.inf)
 
     def _free(self) -> int:
         """Slots not executing a run (one whose body returned counts as free) and not
@@ -245,9 +256,10 @@ class Worker:
 
     async def _idle(self, seconds: float) -> None:
         """Wait ``seconds``, or less if woken (a trigger, a freed slot, a stop) or until the
-        earliest due time known here, which then counts as a wake-up.
+        earliest due time known here (which then counts as a wake-up) or learned by the claim.
 
-        A new due time always comes with a wake-up, so the one read here cannot go stale.
+        A new due time always comes with a wake-up or a claim, so the one read here cannot
+        go stale.
         """
         until = min(anyio.current_time() + seconds, self._polling.earliest_due())
         with anyio.move_on_after(until - anyio.current_time()):
@@ -255,9 +267,9 @@ class Worker:
         if self._polling.take_due(anyio.current_time()):
             self._wake.set()
 
-    async def claim(self, limit: int) -> list[ClaimedRun]:
+    async def claim(self, limit: int) -> Claim:
         if not self._jobs:
-            return []
+            return Claim([])
         return await bounded(
             self._storage.claim_runs(
                 worker_id=self.worker_id,
@@ -308,7 +320,7 @@ class Worker:
         """Claim up to ``limit`` runs, execute them with lease renewal; how many were claimed,
         and how many reached completed, failed or waiting. At ``deadline`` (monotonic) the
         runs still executing are stopped and their leases released."""
-        claimed = await self.claim(limit)
+        claimed = (await self.claim(limit)).runs
         executions: list[Execution] = []
         if claimed:
             async with anyio.create_task_group() as task_group:

@@ -35,13 +35,13 @@ def _new(
 
 
 async def _claim_ids(storage: Storage, limit: int = 10) -> list[str]:
-    claimed = await storage.claim_runs(worker_id="w", job_names=["job"], limit=limit, lease_seconds=30.0)
-    return [c.run.id for c in claimed]
+    claim = await storage.claim_runs(worker_id="w", job_names=["job"], limit=limit, lease_seconds=30.0)
+    return [c.run.id for c in claim.runs]
 
 
 async def test_higher_priority_is_claimed_first_then_trigger_order(storage: Storage) -> None:
     low, high, low2, high2 = await storage.create_runs([_new(), _new(priority=5), _new(), _new(priority=5)])
-    claimed = await storage.claim_runs(worker_id="w", job_names=["job"], limit=3, lease_seconds=30.0)
+    claimed = (await storage.claim_runs(worker_id="w", job_names=["job"], limit=3, lease_seconds=30.0)).runs
     assert [c.run.id for c in claimed] == sorted([high.id, high2.id, low.id])
     assert {c.run.priority for c in claimed} == {5, 0}
     assert await _claim_ids(storage) == [low2.id]

@@ -1,5 +1,6 @@
-"""What a claim sends: on a local file one statement unless a claimed run was claimed before;
-remotely one request that carries the reads for resumed runs too (a round trip costs more)."""
+"""What a claim sends: on a local file one statement unless a claimed run was claimed before
+(then a read of its steps) or none was claimed (then a read of the next due time); remotely
+one request that carries those reads too (a round trip costs more)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from durably._ids import new_run_id
 from durably._models import LogEntry, NewRun
 from durably._storage import _queries as q
 from durably._storage._driver import Driver, Row, Statement, Value
-from durably._storage._protocol import Lease, StepRecord, Telemetry
+from durably._storage._protocol import Claim, Lease, StepRecord, Telemetry
 from durably._storage._sql import SqlStorage
 from durably.adapters._local import LocalFileDriver
 from durably.adapters._remote import RemoteDriver
@@ -77,6 +78,7 @@ async def recorded(
 
 
 _RESUMED_READS = [q.COMPLETED_STEPS, q.LOG_COUNTS, q.STEP_ATTEMPTS]
+_REMOTE_CLAIM = [q.CLAIM_RUNS, *_RESUMED_READS, q.NEXT_DUE]
 
 
 def _new() -> NewRun:
@@ -90,13 +92,15 @@ async def test_an_idle_poll_and_a_claim_of_fresh_runs_are_one_request(
 ) -> None:
     storage, driver = recorded
     driver.requests.clear()
-    assert await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30) == []
+    idle = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
+    assert idle == Claim([], None)
+    # The next due time is read by an idle poll only where a request costs no round trip.
+    assert driver.requests == ([[q.CLAIM_RUNS], [q.NEXT_DUE]] if driver.local else [_REMOTE_CLAIM])
     await storage.create_runs([_new(), _new()])
     driver.requests.clear()
     claimed = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
-    assert [c.lease_generation for c in claimed] == [1, 1]
-    one_request = [q.CLAIM_RUNS] if driver.local else [q.CLAIM_RUNS, *_RESUMED_READS]
-    assert driver.requests == [one_request]
+    assert [c.lease_generation for c in claimed.runs] == [1, 1]
+    assert driver.requests == [[q.CLAIM_RUNS] if driver.local else _REMOTE_CLAIM]
 
 
 async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
@@ -104,7 +108,7 @@ async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
 ) -> None:
     storage, driver = recorded
     [run] = await storage.create_runs([_new()])
-    [first] = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
+    [first] = (await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)).runs
     lease = Lease(run.id, first.lease_generation)
     now = datetime.now(UTC).timestamp()
     log = LogEntry(level="info", message="hi", step_name="done", created_at=datetime.now(UTC))
@@ -115,7 +119,7 @@ async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
     )
     assert await storage.postpone_run(lease, backing_off, 0.0, Telemetry()) is not None
     driver.requests.clear()
-    [resumed] = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
+    [resumed] = (await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)).runs
     assert resumed.lease_generation == 2
     assert resumed.steps == {"done": (0, b"7")}
     assert resumed.log_counts == {"done": 1}
@@ -124,4 +128,4 @@ async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
     if driver.local:
         assert driver.requests == [[q.CLAIM_RUNS], _RESUMED_READS]
     else:
-        assert driver.requests == [[q.CLAIM_RUNS, *_RESUMED_READS]]
+        assert driver.requests == [_REMOTE_CLAIM]

@@ -22,7 +22,7 @@ from durably._events import Event
 from durably._ids import new_run_id
 from durably._models import ClaimedRun, NewRun
 from durably._storage import _queries as q
-from durably._storage._protocol import Lease, LeaseOffer, RunFilter, Storage, Telemetry
+from durably._storage._protocol import Claim, Lease, LeaseOffer, RunFilter, Storage, Telemetry
 from durably.adapters import open_storage
 
 from .support.sqld import SqldServer
@@ -80,9 +80,9 @@ def record_claims(durably: Durably) -> list[str]:
     taken: list[str] = []
     claim = durably.storage.claim_runs
 
-    async def recording(**kwargs: Any) -> list[ClaimedRun]:
+    async def recording(**kwargs: Any) -> Claim:
         claimed = await claim(**kwargs)
-        taken.extend(c.run.id for c in claimed)
+        taken.extend(c.run.id for c in claimed.runs)
         return claimed
 
     durably.storage.claim_runs = recording  # type: ignore[method-assign]
@@ -115,7 +115,7 @@ async def serving(make_durably: Callable[..., Durably], **options: Any) -> Durab
     calls = 0
     claim = durably.storage.claim_runs
 
-    async def counting(**kwargs: Any) -> list[ClaimedRun]:
+    async def counting(**kwargs: Any) -> Claim:
         nonlocal calls
         calls += 1
         return await claim(**kwargs)
@@ -259,9 +259,9 @@ async def test_a_claim_that_overlapped_a_created_leased_run_gives_back_what_has_
     elsewhere = await other(make_durably)
     claim, answered, hold = durably.storage.claim_runs, anyio.Event(), anyio.Event()
 
-    async def slow_answer(**kwargs: Any) -> list[ClaimedRun]:
+    async def slow_answer(**kwargs: Any) -> Claim:
         claimed = await claim(**kwargs)
-        if claimed:
+        if claimed.runs:
             answered.set()
             await hold.wait()  # the answer is on its way while the trigger below runs
         return claimed

@@ -198,7 +198,7 @@ async def test_a_refused_batch_stores_nothing(storage: Any) -> None:
     """Steps carried by a completion, or sent together, land with it or not at all."""
     durably = create_durably(storage).register(**_jobs("pipelined"))
     run = await durably.jobs.steps.trigger({"steps": 1})
-    [claimed] = await storage.claim_runs(worker_id="w", job_names=["steps"], limit=1, lease_seconds=30)
+    [claimed] = (await storage.claim_runs(worker_id="w", job_names=["steps"], limit=1, lease_seconds=30)).runs
     stale = Lease(run.id, claimed.lease_generation + 1)
     steps = [
         StepRecord(name=f"s{i}", index=i, output=b"1", started_at=1.0, completed_at=2.0) for i in range(2)

@@ -100,7 +100,8 @@ async def test_a_lease_ending_write_resent_after_a_lost_answer_is_not_a_lost_lea
     try:
         await storage.migrate()
         [run] = await storage.create_runs([_new_run()])
-        [claimed] = await storage.claim_runs(worker_id="w1", job_names=["echo"], limit=1, lease_seconds=30)
+        claim = await storage.claim_runs(worker_id="w1", job_names=["echo"], limit=1, lease_seconds=30)
+        [claimed] = claim.runs
         lease = Lease(claimed.run.id, claimed.lease_generation)
         proxy.lose_answers(1)
         with anyio.fail_after(20):
@@ -116,7 +117,8 @@ async def test_a_lease_ending_write_resent_after_a_lost_answer_is_not_a_lost_lea
         assert done.status == {"complete": "completed", "fail": "failed", "release": "pending"}[ending]
         # A lease really lost (another generation now holds the run) is still told apart.
         if ending == "release":
-            [again] = await storage.claim_runs(worker_id="w2", job_names=["echo"], limit=1, lease_seconds=30)
+            claim = await storage.claim_runs(worker_id="w2", job_names=["echo"], limit=1, lease_seconds=30)
+            [again] = claim.runs
             assert again.lease_generation == lease.generation + 1
             assert not await storage.release_lease(lease, Telemetry())
     finally:

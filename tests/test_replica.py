@@ -64,7 +64,8 @@ async def test_reads_after_own_writes_go_to_the_primary_while_sync_fails(
             [second] = await storage.create_runs([_new_run()])
             seen = await storage.get_run(second.id)
             assert seen is not None, "a read after this process's own write returned stale data"
-            [claimed] = await storage.claim_runs(worker_id="w", job_names=["echo"], limit=1, lease_seconds=30)
+            claim = await storage.claim_runs(worker_id="w", job_names=["echo"], limit=1, lease_seconds=30)
+            [claimed] = claim.runs
             again = await storage.get_run(claimed.run.id)
             assert again is not None
             assert again.status == "leased"

@@ -17,7 +17,8 @@ JOBS = ["job"]
 
 
 async def _claimed(storage: Storage, *, lease_seconds: float = 30.0) -> list[ClaimedRun]:
-    return await storage.claim_runs(worker_id="w", job_names=JOBS, limit=10, lease_seconds=lease_seconds)
+    claim = await storage.claim_runs(worker_id="w", job_names=JOBS, limit=10, lease_seconds=lease_seconds)
+    return claim.runs
 
 
 async def _leased(storage: Storage) -> tuple[Run, Lease]:

@@ -34,7 +34,7 @@ async def _changed(storage: Storage, cursor: int) -> tuple[list[str], int]:
 
 
 async def _lease(storage: Storage) -> Lease:
-    [claimed] = await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=1, lease_seconds=30)
+    [claimed] = (await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=1, lease_seconds=30)).runs
     return Lease(claimed.run.id, claimed.lease_generation)
 
 
@@ -90,7 +90,7 @@ async def test_a_run_changed_twice_comes_once_and_limit_pages_the_rest(storage: 
 async def test_runs_claimed_together_are_all_seen_whatever_the_page_size(storage: Storage) -> None:
     runs = await storage.create_runs([_new() for _ in range(3)])
     cursor = (await storage.get_run_changes(None, limit=10)).cursor
-    claimed = await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=3, lease_seconds=30)
+    claimed = (await storage.claim_runs(worker_id="w", job_names=["job-a"], limit=3, lease_seconds=30)).runs
     assert len(claimed) == 3
     seen: list[tuple[str, str]] = []
     for _ in range(4):

@@ -55,9 +55,10 @@ async def _claim(
     lease_seconds: float = 30.0,
     worker_id: str = WORKER,
 ) -> list[ClaimedRun]:
-    return await storage.claim_runs(
+    claim = await storage.claim_runs(
         worker_id=worker_id, job_names=list(jobs), limit=limit, lease_seconds=lease_seconds
     )
+    return claim.runs
 
 
 async def _get(storage: Storage, run_id: str) -> Run:

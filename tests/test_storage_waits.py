@@ -32,7 +32,7 @@ def _new(job: str = "job", *, key: str | None = None, parent: str | None = None)
 
 
 async def _claim_one(storage: Storage, job: str = "job") -> ClaimedRun:
-    [claimed] = await storage.claim_runs(worker_id="w", job_names=[job], limit=1, lease_seconds=30.0)
+    [claimed] = (await storage.claim_runs(worker_id="w", job_names=[job], limit=1, lease_seconds=30.0)).runs
     return claimed
 
 
@@ -53,7 +53,7 @@ async def test_a_sleep_parks_the_run_until_its_deadline(storage: Storage) -> Non
     run = await storage.get_run(lease.run_id)
     assert run is not None and (run.status, run.waiting_for) == ("waiting", "sleep")
     assert not await storage.renew_leases([lease], lease_seconds=30.0)  # the lease is released
-    assert await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30) == []
+    assert (await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30)).runs == []
     await anyio.sleep(0.4)
     again = await _claim_one(storage)
     assert again.run.wake_at is None and again.run.waiting_for is None
@@ -95,7 +95,7 @@ async def test_signals_are_kept_and_each_is_consumed_by_one_wait(storage: Storag
     third = await storage.wait(lease, _signal_wait("signal:go#3"), NOTHING)
     assert (third.state, third.wake_at) == ("waiting", None)
     await storage.send_signal(lease.run_id, "other", b"1")  # another name does not wake it
-    assert await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30) == []
+    assert (await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30)).runs == []
     await storage.send_signal(lease.run_id, "go", b'"third"')
     claimed = await _claim_one(storage)
     lease = Lease(claimed.run.id, claimed.lease_generation)
@@ -147,12 +147,12 @@ async def test_children_are_created_once_and_the_last_to_end_wakes_the_parent(st
         return WaitRequest(key="kids", index=0, waiting_for="runs", children=children)
 
     assert (await storage.wait(lease, request(), NOTHING)).state == "waiting"
-    kids = await storage.claim_runs(worker_id="w", job_names=["child"], limit=5, lease_seconds=30)
+    kids = (await storage.claim_runs(worker_id="w", job_names=["child"], limit=5, lease_seconds=30)).runs
     assert len(kids) == 2 and {k.run.parent_run_id for k in kids} == {lease.run_id}
     parent = await storage.get_run(lease.run_id)
     assert parent is not None and parent.waiting_for == "runs:" + ",".join(k.run.id for k in kids)
     assert await storage.complete_run(Lease(kids[0].run.id, kids[0].lease_generation), b"1", NOTHING)
-    assert await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30) == []
+    assert (await storage.claim_runs(worker_id="w", job_names=["job"], limit=1, lease_seconds=30)).runs == []
     assert await storage.fail_run(Lease(kids[1].run.id, kids[1].lease_generation), "E: x", NOTHING)
     claimed = await _claim_one(storage)  # woken by the last child, in the same write
     lease = Lease(claimed.run.id, claimed.lease_generation)

@@ -269,9 +269,10 @@ async def test_a_worker_whose_lease_was_taken_over_writes_nothing_more(
         assert await to_thread.run_sync(in_first_step.wait, 5), "the victim never started the run"
         await anyio.sleep(1.0)  # > stale_threshold (0.5 s) since the victim's last renewal
 
-        [claimed] = await storage.claim_runs(
+        claim = await storage.claim_runs(
             worker_id="thief", job_names=["lease-victim"], limit=1, lease_seconds=30
         )
+        [claimed] = claim.runs
         assert claimed.run.id == run.id
         assert claimed.lease_generation == 2
         release.set()

@@ -88,6 +88,20 @@ class LeaseOffer(msgspec.Struct, kw_only=True, frozen=True):
     lease_seconds: float
 
 
+class Claim(msgspec.Struct, frozen=True):
+    """What one claim found: the runs it leased, and when the next run of its jobs becomes due.
+
+    ``next_due_in``: seconds from the claim, on the database clock (so this host's clock never
+    matters), until the earliest ``wake_at`` after now of a pending or waiting run of the
+    jobs: an idle worker's wait never runs past it, whichever host made the run wait.
+    ``None`` when there is none, or when it was not read: a local claim reads it only when
+    it took no run (the worker looks again soon after one that took some).
+    """
+
+    runs: list[ClaimedRun]
+    next_due_in: float | None = None
+
+
 class RunFilter(msgspec.Struct, kw_only=True):
     """What ``get_runs`` selects; every given criterion must match."""
 
@@ -149,7 +163,7 @@ class Storage(Protocol):
 
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
-    ) -> list[ClaimedRun]:
+    ) -> Claim:
         """Lease up to ``limit`` claimable runs of ``job_names`` in one statement.
 
         Claimable: ``pending`` runs oldest first, or ``leased`` runs whose lease
@@ -157,7 +171,9 @@ class Storage(Protocol):
         claimable only if no run with that key is leased and no older run with
         that key is pending. Claiming sets the owner, an expiry of ``now +
         lease_seconds`` and increments the lease generation; each result carries
-        the run's completed steps.
+        the run's completed steps. Remotely the claim is one request, ``next_due_in``
+        included; on a local file one statement, and a second cheap read for
+        ``next_due_in`` when nothing was claimed.
         """
         ...
 

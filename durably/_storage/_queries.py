@@ -380,6 +380,16 @@ THEN {NOW} ELSE NULLIF(MIN(
               WHERE status = 'leased' AND job_name IN (SELECT value FROM json_each(?1))), 1e18)), 1e18)
 END"""
 
+# Seconds from now (database clock) until the next run of the given jobs becomes due by
+# time, read with an idle claim so the worker's wait never runs past it, whichever host
+# made the run wait. Only wake times after now: a due run the claim left (its key is held)
+# is not worth waking for. One row of durably_runs_due where no other job's runs come first.
+NEXT_DUE = f"""
+SELECT wake_at - {NOW} FROM durably_runs INDEXED BY durably_runs_due
+WHERE wake_at > {NOW} AND status IN ('pending', 'waiting')
+  AND job_name IN (SELECT value FROM json_each(?1))
+ORDER BY wake_at LIMIT 1"""
+
 # A schedule's first registration on this database: written once, read by every host.
 REGISTER_SCHEDULES = f"""
 INSERT INTO durably_schedules (name, first_registered_at)

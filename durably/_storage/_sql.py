@@ -17,6 +17,7 @@ from durably._storage import _queries as q
 from durably._storage import _waits
 from durably._storage._driver import Driver, Row, Statement, Value
 from durably._storage._protocol import (
+    Claim,
     Lease,
     LeaseOffer,
     RunChanges,
@@ -208,27 +209,32 @@ class SqlStorage:
 
     async def claim_runs(
         self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
-    ) -> list[ClaimedRun]:
+    ) -> Claim:
         # Resumed runs (claimed before) need their steps, log counts and step attempts, read
         # by this claim's one-off lease owner (on the primary: a replica may lag); no one else
         # writes steps for a run whose lease this worker now holds, so nothing comes between.
-        # Remotely they ride in the claim's own request: a round trip costs more than three
-        # indexed reads. On a local file the claim is one statement (no transaction), and only
-        # a claim that resumed a run pays a second request for them.
+        # Remotely they ride in the claim's own request, with the next due time: a round trip
+        # costs more than four indexed reads. On a local file the claim is one statement (no
+        # transaction); only a claim that resumed a run pays a second request for them, and
+        # only one that took nothing (the worker is about to idle) one for the next due time.
         owner = f"{worker_id}/{secrets.token_hex(6)}"
-        params = (owner, lease_seconds, _codec.encode(list(job_names)).decode(), limit)
+        jobs = _codec.encode(list(job_names)).decode()
         resumed_reads: list[Statement] = [
             (q.COMPLETED_STEPS, (owner,)),
             (q.LOG_COUNTS, (owner,)),
             (q.STEP_ATTEMPTS, (owner,)),
         ]
+        claim: Statement = (q.CLAIM_RUNS, (owner, lease_seconds, jobs, limit))
+        next_due: Statement = (q.NEXT_DUE, (jobs,))
         if self._driver.local:
-            [runs] = await self._driver.write([(q.CLAIM_RUNS, params)])
-            resumed_rows = []
+            [runs] = await self._driver.write([claim])
+            resumed_rows, due = [], []
             if any(as_int(row[RUN_WIDTH]) > 1 for row in runs):
                 resumed_rows = await self._driver.read_primary(resumed_reads)
+            if not runs:
+                [due] = await self._driver.read_primary([next_due])
         else:
-            runs, *resumed_rows = await self._driver.write([(q.CLAIM_RUNS, params), *resumed_reads])
+            runs, *resumed_rows, due = await self._driver.write([claim, *resumed_reads, next_due])
         resumed = Resumed()
         if resumed_rows:
             steps, log_counts, attempts = resumed_rows
@@ -237,7 +243,7 @@ class SqlStorage:
             resumed.add_step_attempts(attempts)
         claimed = [claimed_run(row, resumed) for row in runs]
         claimed.sort(key=lambda c: c.run.id)
-        return claimed
+        return Claim(claimed, as_float(due[0][0]) if due else None)
 
     async def renew_leases(self, leases: Sequence[Lease], *, lease_seconds: float) -> set[str]:
         if not leases:
