@@ -98,6 +98,7 @@ def main() -> None:
         window = 5.0 if options.quick else 20.0
         root = Path(tempfile.mkdtemp(prefix="durably-bench-idle-"))
         _idle.print_rows(asyncio.run(_idle.measure(root, window)), window)
+        _idle.print_local(asyncio.run(_idle.local_poll(root)))
         return
     if options.wan:
         asyncio.run(run_wan(options.node))

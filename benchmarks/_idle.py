@@ -10,20 +10,26 @@ would read there. Requests are counted by a loopback proxy in front of sqld
 (tests/support/proxy.py); rows read and written come from sqld's own statistics
 (``GET /v1/namespaces/default/stats`` on its admin port: ``rows_read_count``), what Turso
 bills. Measured over a window after the backoff has reached its ceiling, scaled to a minute.
+
+On a local file an idle claim is one statement and, since a serving worker's claim learns
+the next due time, a second read: ``local_poll`` times the claim with and without it, on
+a file holding the same parked runs.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 
 from benchmarks._one import make_job
-from durably import create_durably
+from durably import create_durably, open_storage
 from tests.support.proxy import TcpProxy
 from tests.support.sqld import SqldServer, free_port
 
@@ -82,6 +88,49 @@ async def _one_ceiling(root: Path, ceiling: float, window: float) -> dict[str, f
 async def measure(root: Path, window: float) -> dict[float, dict[str, float]]:
     """The figures per ceiling, each on a fresh sqld."""
     return {ceiling: await _one_ceiling(root, ceiling, window) for ceiling in CEILINGS}
+
+
+async def _median_us(polls: int, poll: Callable[[], Awaitable[object]]) -> float:
+    times = []
+    for _ in range(polls):
+        started = time.perf_counter()
+        await poll()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+async def local_poll(root: Path, polls: int = 2000) -> dict[str, float]:
+    """Median µs of an idle poll on a local file holding ``PARKED`` delayed runs: the claim
+    alone (as before) and with the next-due read a serving worker now asks for."""
+    storage = open_storage(f"file:{root / 'idle-local.db'}")
+    try:
+        job = make_job(3)
+        setup = create_durably(storage).register(job=job)
+        await setup.migrate()
+        await setup.jobs.job.batch_trigger([{"i": i} for i in range(PARKED)], delay=86_400.0)
+
+        def poll(within: float | None) -> Callable[[], Awaitable[object]]:
+            return lambda: storage.claim_runs(
+                worker_id="w", job_names=[job.name], limit=1, lease_seconds=30.0, next_due_within=within
+            )
+
+        figures = {}
+        for _ in range(2):  # the first pass warms up; the second is kept
+            figures = {
+                "claim_us": await _median_us(polls, poll(None)),
+                "claim_and_next_due_us": await _median_us(polls, poll(2.0)),
+            }
+        return figures
+    finally:
+        await storage.close()
+
+
+def print_local(figures: dict[str, float]) -> None:
+    print(
+        f"Idle poll on a local file ({PARKED:,} delayed runs parked), median µs: the claim alone"
+        f" (before) {figures['claim_us']:.0f}, with the next-due read (now)"
+        f" {figures['claim_and_next_due_us']:.0f}"
+    )
 
 
 def print_rows(figures: dict[float, dict[str, float]], window: float) -> None:

@@ -29,6 +29,11 @@ class IdlePolling:
         self._due: list[float] = []  # sorted
         self._learned = math.inf
 
+    @property
+    def ceiling(self) -> float:
+        """The longest idle wait: a due time further away never shortens one."""
+        return self._ceiling
+
     def restart(self) -> None:
         """Something may mean work: the next idle wait is ``polling_interval`` again."""
         self._next = self._interval
@@ -46,7 +51,8 @@ class IdlePolling:
 
     def learn(self, at: float) -> None:
         """The database said the next run becomes due at ``at`` (monotonic seconds; infinity:
-        none by time). Each answer replaces the last: a run cancelled meanwhile is forgotten."""
+        none within the ceiling). Each answer replaces the last: a run cancelled meanwhile
+        is forgotten."""
         self._learned = at
 
     def earliest_due(self) -> float:

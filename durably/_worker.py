@@ -183,7 +183,7 @@ class Worker:
         free = self._free()
         if free <= 0:
             return False
-        claim = await self.claim(free)
+        claim = await self.claim(free, next_due_within=self._polling.ceiling)
         self._note_next_due(claim)
         claimed = claim.runs
         # A trigger here may have been promised a slot meanwhile (and filled it): the runs
@@ -199,7 +199,7 @@ class Worker:
         when its answer came (never early, whatever this host's clock says)."""
         if claim.next_due_in is not None:
             self._polling.learn(anyio.current_time() + claim.next_due_in)
-        elif not claim.runs:  # none due by time; a local claim that took runs did not read it
+        elif not claim.runs:  # none due within the ceiling; a local claim that took runs did not read it
             self._polling.learn(math.inf)
 
     def _free(self) -> int:
@@ -267,7 +267,7 @@ class Worker:
         if self._polling.take_due(anyio.current_time()):
             self._wake.set()
 
-    async def claim(self, limit: int) -> Claim:
+    async def claim(self, limit: int, *, next_due_within: float | None = None) -> Claim:
         if not self._jobs:
             return Claim([])
         return await bounded(
@@ -276,6 +276,7 @@ class Worker:
                 job_names=list(self._jobs),
                 limit=limit,
                 lease_seconds=self._stale_threshold,
+                next_due_within=next_due_within,
             ),
             self.storage_timeout,
             "claiming runs",

@@ -1,12 +1,13 @@
 """What a claim sends: on a local file one statement unless a claimed run was claimed before
-(then a read of its steps) or none was claimed (then a read of the next due time); remotely
-one request that carries those reads too (a round trip costs more)."""
+(then a read of its steps) or a serving worker's claim took none (then a read of the next
+due time); remotely one request that carries those reads too (a round trip costs more)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ async def recorded(
 
 
 _RESUMED_READS = [q.COMPLETED_STEPS, q.LOG_COUNTS, q.STEP_ATTEMPTS]
-_REMOTE_CLAIM = [q.CLAIM_RUNS, *_RESUMED_READS, q.NEXT_DUE]
+_OPTIONS: dict[str, Any] = {"worker_id": "w", "job_names": ["job"], "limit": 5, "lease_seconds": 30}
 
 
 def _new() -> NewRun:
@@ -91,16 +92,33 @@ async def test_an_idle_poll_and_a_claim_of_fresh_runs_are_one_request(
     recorded: tuple[SqlStorage, _Recording],
 ) -> None:
     storage, driver = recorded
+    one_request = [q.CLAIM_RUNS] if driver.local else [q.CLAIM_RUNS, *_RESUMED_READS]
     driver.requests.clear()
-    idle = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
-    assert idle == Claim([], None)
-    # The next due time is read by an idle poll only where a request costs no round trip.
-    assert driver.requests == ([[q.CLAIM_RUNS], [q.NEXT_DUE]] if driver.local else [_REMOTE_CLAIM])
+    assert await storage.claim_runs(**_OPTIONS) == Claim([], None)
+    assert driver.requests == [one_request]
     await storage.create_runs([_new(), _new()])
     driver.requests.clear()
-    claimed = await storage.claim_runs(worker_id="w", job_names=["job"], limit=5, lease_seconds=30)
+    claimed = await storage.claim_runs(**_OPTIONS)
     assert [c.lease_generation for c in claimed.runs] == [1, 1]
-    assert driver.requests == [[q.CLAIM_RUNS] if driver.local else _REMOTE_CLAIM]
+    assert driver.requests == [one_request]
+
+
+async def test_a_serving_worker_s_claim_reads_the_next_due_time_only_when_idle_on_a_local_file(
+    recorded: tuple[SqlStorage, _Recording],
+) -> None:
+    storage, driver = recorded
+    driver.requests.clear()
+    assert await storage.claim_runs(**_OPTIONS, next_due_within=2.0) == Claim([], None)
+    idle = list(driver.requests)
+    await storage.create_runs([_new()])
+    driver.requests.clear()
+    claimed = await storage.claim_runs(**_OPTIONS, next_due_within=2.0)
+    assert len(claimed.runs) == 1
+    # Locally a second request, only when idle; remotely it rides along in the claim's.
+    if driver.local:
+        assert (idle, driver.requests) == ([[q.CLAIM_RUNS], [q.NEXT_DUE]], [[q.CLAIM_RUNS]])
+    else:
+        assert idle == driver.requests == [[q.CLAIM_RUNS, *_RESUMED_READS, q.NEXT_DUE]]
 
 
 async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
@@ -128,4 +146,4 @@ async def test_a_resumed_run_gets_its_steps_log_counts_and_attempts(
     if driver.local:
         assert driver.requests == [[q.CLAIM_RUNS], _RESUMED_READS]
     else:
-        assert driver.requests == [_REMOTE_CLAIM]
+        assert driver.requests == [[q.CLAIM_RUNS, *_RESUMED_READS]]

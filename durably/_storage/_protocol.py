@@ -94,8 +94,8 @@ class Claim(msgspec.Struct, frozen=True):
     ``next_due_in``: seconds from the claim, on the database clock (so this host's clock never
     matters), until the earliest ``wake_at`` after now of a pending or waiting run of the
     jobs: an idle worker's wait never runs past it, whichever host made the run wait.
-    ``None`` when there is none, or when it was not read: a local claim reads it only when
-    it took no run (the worker looks again soon after one that took some).
+    ``None`` when there is none within the window asked for, or when it was not read: not
+    asked for, or a local claim that took runs (the worker looks again soon after those).
     """
 
     runs: list[ClaimedRun]
@@ -162,7 +162,13 @@ class Storage(Protocol):
         ...
 
     async def claim_runs(
-        self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        next_due_within: float | None = None,
     ) -> Claim:
         """Lease up to ``limit`` claimable runs of ``job_names`` in one statement.
 
@@ -171,9 +177,11 @@ class Storage(Protocol):
         claimable only if no run with that key is leased and no older run with
         that key is pending. Claiming sets the owner, an expiry of ``now +
         lease_seconds`` and increments the lease generation; each result carries
-        the run's completed steps. Remotely the claim is one request, ``next_due_in``
-        included; on a local file one statement, and a second cheap read for
-        ``next_due_in`` when nothing was claimed.
+        the run's completed steps.
+
+        With ``next_due_within`` (seconds), ``next_due_in`` tells when the next run of
+        ``job_names`` becomes due by time, if within that window: remotely in the claim's
+        one request; on a local file by a second cheap read, only when nothing was claimed.
         """
         ...
 

@@ -380,13 +380,15 @@ THEN {NOW} ELSE NULLIF(MIN(
               WHERE status = 'leased' AND job_name IN (SELECT value FROM json_each(?1))), 1e18)), 1e18)
 END"""
 
-# Seconds from now (database clock) until the next run of the given jobs becomes due by
-# time, read with an idle claim so the worker's wait never runs past it, whichever host
-# made the run wait. Only wake times after now: a due run the claim left (its key is held)
-# is not worth waking for. One row of durably_runs_due where no other job's runs come first.
+# Seconds from now (database clock) until the next run of the given jobs (?1) becomes due
+# by time, if within ?2 seconds: read with an idle claim, so the worker's wait never runs
+# past it, whichever host made the run wait. Only wake times after now: a due run the claim
+# left (its key is held) is not worth waking for. The index walk reads only runs due within
+# the window (of any job): runs parked for later, or overdue runs of jobs no worker serves,
+# cost an idle claim nothing.
 NEXT_DUE = f"""
 SELECT wake_at - {NOW} FROM durably_runs INDEXED BY durably_runs_due
-WHERE wake_at > {NOW} AND status IN ('pending', 'waiting')
+WHERE wake_at > {NOW} AND wake_at <= {NOW} + ?2 AND status IN ('pending', 'waiting')
   AND job_name IN (SELECT value FROM json_each(?1))
 ORDER BY wake_at LIMIT 1"""
 

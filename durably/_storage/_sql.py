@@ -104,6 +104,19 @@ def _leased_to(row: Row, offer: LeaseOffer) -> bool:
     return as_text(status) == "leased" and as_int(generation) == 1 and as_text(owner) == offer.owner
 
 
+def _claimed(runs: list[Row], resumed_rows: list[list[Row]]) -> list[ClaimedRun]:
+    """The claimed runs in id order; resumed ones with their steps, log counts and attempts."""
+    resumed = Resumed()
+    if resumed_rows:
+        steps, log_counts, attempts = resumed_rows
+        resumed.add_steps(steps)
+        resumed.add_log_counts(log_counts)
+        resumed.add_step_attempts(attempts)
+    claimed = [claimed_run(row, resumed) for row in runs]
+    claimed.sort(key=lambda c: c.run.id)
+    return claimed
+
+
 def _held(rows: list[Row]) -> bool:
     return bool(rows)
 
@@ -208,7 +221,13 @@ class SqlStorage:
         return {run_id: rows[0] for run_id, rows in zip(run_ids, results, strict=True)}
 
     async def claim_runs(
-        self, *, worker_id: str, job_names: Sequence[str], limit: int, lease_seconds: float
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        limit: int,
+        lease_seconds: float,
+        next_due_within: float | None = None,
     ) -> Claim:
         # Resumed runs (claimed before) need their steps, log counts and step attempts, read
         # by this claim's one-off lease owner (on the primary: a replica may lag); no one else
@@ -219,31 +238,25 @@ class SqlStorage:
         # only one that took nothing (the worker is about to idle) one for the next due time.
         owner = f"{worker_id}/{secrets.token_hex(6)}"
         jobs = _codec.encode(list(job_names)).decode()
+        claim: Statement = (q.CLAIM_RUNS, (owner, lease_seconds, jobs, limit))
         resumed_reads: list[Statement] = [
             (q.COMPLETED_STEPS, (owner,)),
             (q.LOG_COUNTS, (owner,)),
             (q.STEP_ATTEMPTS, (owner,)),
         ]
-        claim: Statement = (q.CLAIM_RUNS, (owner, lease_seconds, jobs, limit))
-        next_due: Statement = (q.NEXT_DUE, (jobs,))
+        next_due: list[Statement] = []
+        if next_due_within is not None:
+            next_due.append((q.NEXT_DUE, (jobs, next_due_within)))
         if self._driver.local:
             [runs] = await self._driver.write([claim])
-            resumed_rows, due = [], []
+            resumed_rows: list[list[Row]] = []
             if any(as_int(row[RUN_WIDTH]) > 1 for row in runs):
                 resumed_rows = await self._driver.read_primary(resumed_reads)
-            if not runs:
-                [due] = await self._driver.read_primary([next_due])
+            due = await self._driver.read_primary(next_due) if next_due and not runs else []
         else:
-            runs, *resumed_rows, due = await self._driver.write([claim, *resumed_reads, next_due])
-        resumed = Resumed()
-        if resumed_rows:
-            steps, log_counts, attempts = resumed_rows
-            resumed.add_steps(steps)
-            resumed.add_log_counts(log_counts)
-            resumed.add_step_attempts(attempts)
-        claimed = [claimed_run(row, resumed) for row in runs]
-        claimed.sort(key=lambda c: c.run.id)
-        return Claim(claimed, as_float(due[0][0]) if due else None)
+            results = await self._driver.write([claim, *resumed_reads, *next_due])
+            runs, resumed_rows, due = results[0], results[1:4], results[4:]
+        return Claim(_claimed(runs, resumed_rows), as_float(due[0][0][0]) if due and due[0] else None)
 
     async def renew_leases(self, leases: Sequence[Lease], *, lease_seconds: float) -> set[str]:
         if not leases:
