@@ -7,7 +7,9 @@ the worker would do without the behaviour under test.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +18,7 @@ import pytest
 from durably import Durably, StepContext, create_durably, define_job, open_storage
 from durably._ids import new_run_id
 from durably._models import NewRun, Run
+from durably._storage import _queries as q
 from durably._storage._protocol import Claim, Lease, Storage, Telemetry, WaitRequest
 from tests.support.proxy import TcpProxy
 
@@ -134,6 +137,19 @@ async def test_a_claim_tells_when_the_next_run_of_its_jobs_becomes_due(
     await storage.create_runs([_new(delay=0.1, key="k")])
     await anyio.sleep(0.2)
     assert await _claim(storage) == Claim([], pytest.approx(remaining(), abs=1.0))
+
+
+async def test_the_next_due_time_reads_only_runs_due_within_the_window(tmp_path: Path) -> None:
+    storage = open_storage(f"file:{tmp_path / 'plan.db'}")
+    await storage.migrate()
+    await storage.close()
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {q.NEXT_DUE}", ['["job"]', 2.0])]
+    finally:
+        conn.close()
+    # Bounded on both sides: runs parked for later (of any job) are never read.
+    assert "SEARCH durably_runs USING INDEX durably_runs_due (wake_at>? AND wake_at<?)" in plan, plan
 
 
 # --- the worker -----------------------------------------------------------------------
