@@ -192,8 +192,11 @@ async def test_a_due_run_or_a_stale_lease_goes_first(make_durably: Callable[...,
     behind_due = await durably.jobs.quick.trigger({"i": 1})
     assert behind_due.status == "pending"
     await durably.wait_for_run(behind_due.id, timeout=10)
-    [stale] = await elsewhere.storage.create_runs([_new("quick")])
-    await elsewhere.storage.claim_runs(worker_id="gone", job_names=["quick"], limit=1, lease_seconds=0.01)
+    # Created leased to a worker that is gone, in one write: the serving worker, still
+    # claiming after the runs above ended, cannot take it first.
+    gone = LeaseOffer(owner="gone/1", job_names=("quick",), slots=1, lease_seconds=0.01)
+    [stale], leased = await elsewhere.storage.create_leased_runs([_new("quick")], gone)
+    assert [c.run.id for c in leased] == [stale.id]
     await anyio.sleep(0.1)
     behind_stale = await durably.jobs.quick.trigger({"i": 2})
     assert behind_stale.status == "pending"
