@@ -166,3 +166,22 @@ async def test_a_run_api_write_forgets_tokens_no_resend_can_come_for(database: D
         assert "recent" in tokens and len(tokens) == 2, tokens  # and the signal's own
     finally:
         await storage.close()
+
+
+async def test_each_run_api_write_is_one_request_with_its_token(storage: Storage, proxy: TcpProxy) -> None:
+    # The token costs no round trip: recorded and read back in the request that makes the change.
+    failed, completed = await _ended(storage, "failed"), await _ended(storage, "completed")
+    [pending] = await storage.create_runs([_new_run()])
+    calls = {
+        "retry": lambda: storage.retry_run(failed),
+        "signal": lambda: storage.send_signal(pending.id, "go", b"1"),
+        "cancel": lambda: storage.cancel_run(pending.id),
+        "delete": lambda: storage.delete_run(completed),
+        "purge": lambda: storage.purge_runs(completed_before=datetime.now(UTC), limit=10),
+    }
+    requests = {}
+    for name, call in calls.items():
+        proxy.reset_counters()
+        await call()
+        requests[name] = proxy.http_requests
+    assert requests == dict.fromkeys(calls, 1)
