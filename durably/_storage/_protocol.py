@@ -113,7 +113,8 @@ class RunChanges(msgspec.Struct, frozen=True):
 class Storage(Protocol):
     """Where runs, steps and logs live. Constructors do no I/O; errors are ``StorageError``.
 
-    A write whose request a driver sends again after losing its answer (SPEC §15) answers
+    A trigger, a lease-ending write or a run-API change (retry, cancel, delete, signal,
+    purge) whose request a driver sends again after losing its answer (SPEC §15) answers
     as its first send did, and changes nothing twice.
     """
 
