@@ -14,9 +14,10 @@ import structlog
 
 from durably import _clock, _otel
 from durably._events import EventBus, WorkerErrorEvent
+from durably._fencing import bounded, describe
 from durably._models import ClaimedRun, Finished
 from durably._polling import IdlePolling
-from durably._runtime import Execution, bounded, describe
+from durably._runtime import Execution
 from durably._storage._protocol import Lease, LeaseOffer, Storage, Telemetry
 from durably.errors import StorageError
 
