@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
@@ -116,10 +117,14 @@ class Execution:
             spawn=spawn,
         )
         self._on_body_done = on_body_done
-        self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
         self._reports = RunReports(
             claimed, telemetry=self._telemetry, emit=self._emit, logger=lambda: self._log
         )
+
+    @functools.cached_property
+    def _log(self) -> Any:
+        """The run's bound logger, made at its first line: most runs never log."""
+        return _logger.bind(run_id=self.run_id, job_name=self.job_name)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -228,7 +233,7 @@ class Execution:
         self.ended = "completed" if output is not None else "failed"
         if output is not None:
             self._on_finished(self.run_id, "completed", output, None)
-            if self._bus.wants("run:complete"):
+            if self._bus.listens(RunCompleteEvent):
                 self._emit(RunCompleteEvent, output=_codec.decode(output), duration=duration)
         elif retry_in is not None:  # not an end: the run waits for its next attempt
             self.wake_at = _clock.now() + retry_in
@@ -317,6 +322,8 @@ class Execution:
 
     def _emit(self, event_class: type[Event], **fields: Any) -> None:
         """Every event of this run goes out here, with its run id, job name and labels."""
+        if not self._bus.listens(event_class):
+            return
         if event_class in RUN_LABELLED:
             fields["labels"] = self.run.labels
         self._bus.emit(event_class, run_id=self.run_id, job_name=self.job_name, **fields)
@@ -346,7 +353,7 @@ class Execution:
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
         self._reports.end_replay()
-        if not await self._pipeline.room():
+        if self._pipelined and not await self._pipeline.room():
             await self._lease_gone()
         attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
@@ -418,7 +425,7 @@ class Execution:
         if not held:
             await self._lease_gone()
         result = self._result(output, type_, name)
-        if self._bus.wants("step:complete"):
+        if self._bus.listens(StepCompleteEvent):
             self._emit(
                 StepCompleteEvent,
                 step_name=name,
