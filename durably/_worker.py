@@ -13,9 +13,8 @@ import anyio.abc
 import structlog
 
 from durably import _clock, _otel
-from durably._deadlines import bounded
 from durably._events import EventBus, WorkerErrorEvent
-from durably._fencing import describe
+from durably._fencing import bounded, describe
 from durably._models import ClaimedRun, Finished
 from durably._polling import IdlePolling
 from durably._runtime import Execution
