@@ -226,6 +226,10 @@ class EventBus:
         """Whether anyone listens; lets hot paths skip building events nobody reads."""
         return bool(self._handlers.get(event_type) or self._handlers.get("*"))
 
+    def listens(self, event_class: type[Event]) -> bool:
+        """``wants`` for an event class: what a run checks before building an event's fields."""
+        return self.wants(_TYPE_NAMES[event_class])
+
     def emit(self, event_class: type[Event], **fields: Any) -> None:
         event_type = _TYPE_NAMES[event_class]
         handlers = [*self._handlers.get(event_type, ()), *self._handlers.get("*", ())]

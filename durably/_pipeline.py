@@ -46,7 +46,7 @@ class CheckpointPipeline:
         self._in_flight = 0
         self._writing = False
         self._settling = False  # the body ended: the ending write carries what is queued
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # made by the first wait: a "sync" job has none
         self.failed = False
 
     @property
@@ -70,13 +70,13 @@ class CheckpointPipeline:
         """Wait until a step may start (fewer than ``MAX_UNACKNOWLEDGED`` unacknowledged);
         ``False`` if the pipeline failed."""
         while self.unacknowledged >= MAX_UNACKNOWLEDGED and not self.failed:
-            await self._changed.wait()
+            await self._change()
         return not self.failed
 
     async def drain(self) -> bool:
         """Wait until every queued checkpoint is stored; ``False`` if one could not be."""
         while self._writing:
-            await self._changed.wait()
+            await self._change()
         return not self.failed
 
     async def unstored(self, *, carry: bool) -> list[StepRecord] | None:
@@ -91,7 +91,7 @@ class CheckpointPipeline:
         write to carry (``None`` if the pipeline failed)."""
         self._settling = True
         while self._in_flight and not self.failed:
-            await self._changed.wait()
+            await self._change()
         if self.failed:
             return None
         queued, self._queued = self._queued, []
@@ -117,6 +117,13 @@ class CheckpointPipeline:
             self._writing = False
             self._notify()
 
+    async def _change(self) -> None:
+        """Until the next write ends (or the pipeline fails)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()

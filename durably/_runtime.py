@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
-import threading
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -21,11 +18,9 @@ from durably._events import (
     RUN_LABELLED,
     Event,
     EventBus,
-    LogWriteEvent,
     RunCancelEvent,
     RunCompleteEvent,
     RunFailEvent,
-    RunProgressEvent,
     RunRetryEvent,
     RunStartEvent,
     RunWaitEvent,
@@ -35,14 +30,16 @@ from durably._events import (
     StepStartEvent,
     WorkerErrorEvent,
 )
-from durably._models import ClaimedRun, Finished, LogEntry, LogLevel, Progress
+from durably._fencing import Fence, StopReason, describe
+from durably._models import ClaimedRun, Finished, LogLevel
 from durably._pipeline import CheckpointPipeline
+from durably._reports import RunReports, current_step
 from durably._retry import RetryPolicy, StepAttempts, next_delay
-from durably._steps import StepContext, call_step_function, checked_progress, encode_result
+from durably._steps import StepContext, call_step_function, encode_result
 from durably._storage._protocol import Lease, StepRecord, Storage, Telemetry, WaitRequest, WaitResult
 from durably._telemetry import TelemetryBuffer
 from durably._waits import Suspend
-from durably.errors import LeaseLostError, StorageError, ValidationError
+from durably.errors import StorageError, ValidationError
 
 if TYPE_CHECKING:
     from durably._job import JobDefinition
@@ -50,41 +47,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _logger = structlog.get_logger("durably")
-_current_step: ContextVar[str | None] = ContextVar("durably_current_step", default=None)
 
 
-# "cancelled": by this process, which announced it; "cancelled_elsewhere": found cancelled
-# by another process when a write or renewal was refused, so announced here (SPEC §7, §10);
-# "postponed": a step backing off for longer than a lease released the run to wait (SPEC §12);
-# "waiting": the run waits (a sleep, a signal, its children) and holds no lease.
-StopReason = Literal[
-    "cancelled",
-    "cancelled_elsewhere",
-    "lease_lost",
-    "finished_elsewhere",
-    "shutdown",
-    "storage_lost",
-    "postponed",
-    "waiting",
-]
 # The end of a job body: (output JSON, error, failed step, the exception behind the error).
 Outcome = tuple[bytes | None, str | None, str | None, Exception | None]
-
-
-def describe(exc: BaseException) -> str:
-    """How an exception is stored on a run: ``"ExcType: message"``."""
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def bounded(call: Awaitable[T], seconds: float, what: str) -> T:
-    """Await a storage call for at most ``seconds``; a hung one becomes a transient ``StorageError``.
-
-    Worker and execution calls stop well within a lease, so a hang is reported (and a write
-    retried) while the lease still holds, never waited out.
-    """
-    with anyio.move_on_after(seconds):
-        return await call
-    raise StorageError(f"{what}: the database did not answer within {seconds:g} s", transient=True)
 
 
 class Execution:
@@ -113,17 +79,18 @@ class Execution:
         self._step_attempts = claimed.step_attempts
         self._stored_steps = claimed.steps
         self._undecodable = claimed.error
-        # Replay (SPEC §3): the log calls a resumed body makes again are skipped, the n-th
-        # per step up to the stored count; progress is held back until replay ends.
-        self._logs_to_skip = dict(claimed.log_counts)
-        self._replaying = claimed.lease_generation > 1
-        self._held_progress: Progress | None = None
         self._definition = definition
         self._storage = storage
         self._bus = bus
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
-        self._storage_timeout = storage_timeout
+        self._fence = Fence(
+            storage,
+            self.lease,
+            lease_seconds=lease_seconds,
+            storage_timeout=storage_timeout,
+            report=self._report,
+        )
         self._trace = trace or _otel.RunTrace()
         self._on_finished = self._trace.noting(on_finished)
         self._scope: anyio.CancelScope | None = None
@@ -150,9 +117,14 @@ class Execution:
             spawn=spawn,
         )
         self._on_body_done = on_body_done
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._log = _logger.bind(run_id=self.run_id, job_name=self.job_name)
+        self._reports = RunReports(
+            claimed, telemetry=self._telemetry, emit=self._emit, logger=lambda: self._log
+        )
+
+    @functools.cached_property
+    def _log(self) -> Any:
+        """The run's bound logger, made at its first line: most runs never log."""
+        return _logger.bind(run_id=self.run_id, job_name=self.job_name)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -199,7 +171,7 @@ class Execution:
             try:
                 result = await self._definition.run(StepContext(self), payload)
             finally:
-                self._end_replay()
+                self._reports.end_replay()
             output = _codec.canonical(
                 result, self._definition.output_type, what=f"output of job {self.job_name!r}"
             )
@@ -236,32 +208,32 @@ class Execution:
         try:
             if error is None:
                 assert output is not None
-                held = await self._write(
+                held = await self._fence.write(
                     lambda: self._storage.complete_run(self.lease, output, telemetry, steps=steps)
                 )
             elif retry_in is not None:
                 delay = retry_in
-                held = await self._write(
+                held = await self._fence.write(
                     lambda: self._storage.retry_run_later(self.lease, error, delay, telemetry)
                 )
             else:
-                held = await self._write(
+                held = await self._fence.write(
                     lambda: self._storage.fail_run(self.lease, error, telemetry, steps=steps)
                 )
         except StorageError as exc:
             # The lease will expire and another worker (or this one) resumes the run.
             self._report(exc, "storing the outcome of a run")
             if exc.transient:  # retried for a lease's length: the lease has lapsed
-                self._report(self._lease_lost_error("storage_lost"), "run execution")
+                self._report(self._fence.lost("storage_lost"), "run execution")
             return
         if not held:
-            self.stop_reason = await self.why_lease_gone()
+            self.stop_reason = await self._fence.why_gone()
             await self._stopped()
             return
         self.ended = "completed" if output is not None else "failed"
         if output is not None:
             self._on_finished(self.run_id, "completed", output, None)
-            if self._bus.wants("run:complete"):
+            if self._bus.listens(RunCompleteEvent):
                 self._emit(RunCompleteEvent, output=_codec.decode(output), duration=duration)
         elif retry_in is not None:  # not an end: the run waits for its next attempt
             self.wake_at = _clock.now() + retry_in
@@ -278,7 +250,7 @@ class Execution:
                 await self._checkpoints_refused()
                 return
             try:
-                await self._bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
+                await self._fence.bounded(self._storage.release_lease(self.lease, self._telemetry.take()))
             except StorageError as exc:
                 self._report(exc, "releasing a lease on shutdown")
         elif reason in ("cancelled", "cancelled_elsewhere"):
@@ -289,32 +261,11 @@ class Execution:
             waiting_for, wake_at = self._waiting_for
             self._emit(RunWaitEvent, waiting_for=waiting_for, wake_at=_clock.to_datetime(wake_at))
         elif reason in ("lease_lost", "finished_elsewhere", "storage_lost"):
-            self._report(self._lease_lost_error(reason), "run execution")
-
-    def _lease_lost_error(self, reason: StopReason) -> LeaseLostError:
-        how = {
-            "finished_elsewhere": "another worker finished the run",
-            "storage_lost": "the database was unreachable for longer than the lease, so it lapsed",
-        }.get(reason, "another worker took it over")
-        return LeaseLostError(
-            f"the lease on run {self.run_id} (generation {self.lease.generation}) is lost: {how};"
-            " this execution stopped and wrote nothing more"
-        )
+            self._report(self._fence.lost(reason), "run execution")
 
     async def why_lease_gone(self) -> StopReason:
         """Why a fenced write or renewal was refused: cancelled, finished elsewhere, or taken over."""
-        try:
-            run = await self._bounded(self._storage.get_run(self.run_id))
-        except Exception as exc:  # the lease is gone for sure; only the reason is unknown
-            self._report(exc, "reading a run whose lease was refused")
-            return "lease_lost"
-        if run is None:  # deleted: it had ended, and whoever ended it announced it
-            return "cancelled"
-        if run.status == "cancelled":
-            return "cancelled_elsewhere"
-        if run.status in ("completed", "failed"):
-            return "finished_elsewhere"
-        return "lease_lost"
+        return await self._fence.why_gone()
 
     async def _drained(self) -> None:
         """Before any other fenced write: the queued checkpoints are stored (pipelined), so it
@@ -324,12 +275,12 @@ class Execution:
 
     async def _save_steps(self, steps: list[StepRecord]) -> bool:
         telemetry = self._telemetry.take()
-        return await self._write(lambda: self._storage.save_steps(self.lease, steps, telemetry))
+        return await self._fence.write(lambda: self._storage.save_steps(self.lease, steps, telemetry))
 
     async def _checkpoints_failed(self, exc: Exception | None) -> None:
         """A pipelined checkpoint write failed (``exc``) or was refused (``None``): stop."""
         if exc is None:
-            self._checkpoints_lost = await self.why_lease_gone()
+            self._checkpoints_lost = await self._fence.why_gone()
         else:
             self._report(exc, "storing steps; the run is left to be resumed when its lease expires")
             self._checkpoints_lost = "storage_lost"
@@ -348,38 +299,21 @@ class Execution:
         if self._pipeline.unacknowledged:
             self._telemetry.defer(telemetry)
             return True
-        return await self._write(lambda: self._storage.save_telemetry(self.lease, telemetry))
-
-    def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
-        return bounded(call, self._storage_timeout, f"run {self.run_id}")
+        return await self._fence.write(lambda: self._storage.save_telemetry(self.lease, telemetry))
 
     async def _telemetry_refused(self) -> None:
-        self.stop(await self.why_lease_gone())
+        self.stop(await self._fence.why_gone())
 
     async def _lease_gone(self) -> None:
         """Stop this execution because a fenced write was refused."""
-        self.stop(await self.why_lease_gone())
+        self.stop(await self._fence.why_gone())
         await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
-
-    async def _write(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """A fenced write, retried on transient errors while the lease can still be valid."""
-        deadline = time.monotonic() + self._lease_seconds
-        delay = 0.05
-        while True:
-            try:
-                return await self._bounded(operation())
-            except StorageError as exc:
-                if not exc.transient or time.monotonic() + delay > deadline:
-                    raise
-                self._report(exc, "writing run state (will retry)")
-                await anyio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
 
     async def _store(self, operation: Callable[[], Awaitable[T]]) -> T:
         """A step's fenced write. If the database stays unreachable for a lease's length,
         the run is abandoned, not failed: its lease expires and a worker resumes it."""
         try:
-            return await self._write(operation)
+            return await self._fence.write(operation)
         except StorageError as exc:
             self._report(exc, "storing a step; the run is left to be resumed when its lease expires")
             self.stop("storage_lost")
@@ -388,6 +322,8 @@ class Execution:
 
     def _emit(self, event_class: type[Event], **fields: Any) -> None:
         """Every event of this run goes out here, with its run id, job name and labels."""
+        if not self._bus.listens(event_class):
+            return
         if event_class in RUN_LABELLED:
             fields["labels"] = self.run.labels
         self._bus.emit(event_class, run_id=self.run_id, job_name=self.job_name, **fields)
@@ -416,8 +352,8 @@ class Execution:
             self._emit(StepSkipEvent, step_name=name, step_index=stored[0])
             self._trace.skipped(name, stored[0])
             return self._result(stored[1], type_, name)
-        self._end_replay()
-        if not await self._pipeline.room():
+        self._reports.end_replay()
+        if self._pipelined and not await self._pipeline.room():
             await self._lease_gone()
         attempts = StepAttempts(name, self._step_attempts.get(name, 0), retries, timeout)
         with self._trace.step(name, index):
@@ -448,7 +384,7 @@ class Execution:
 
         When the run now waits, this execution ends quietly: ``Suspend`` unwinds the body.
         """
-        self._end_replay()
+        self._reports.end_replay()
         await self._drained()
         telemetry = self._telemetry.take()
         result = await self._store(lambda: self._storage.wait(self.lease, request, telemetry))
@@ -461,25 +397,13 @@ class Execution:
             raise Suspend
         return result
 
-    def _end_replay(self) -> None:
-        """The body reached code that never ran (a new step, or its end): progress flows again.
-
-        The last progress held back during replay lands unless it is the one stored.
-        """
-        if not self._replaying:
-            return
-        self._replaying = False
-        held, self._held_progress = self._held_progress, None
-        if held is not None and held != self.run.progress:
-            self._record_progress(held)
-
     async def _execute_step(
         self, name: str, index: int, call: Callable[[], Awaitable[Any]], type_: Any, attempts: StepAttempts
     ) -> Any:
         self._emit(StepStartEvent, step_name=name, step_index=index)
         started = time.perf_counter()
         record = partial(StepRecord, name=name, index=index, started_at=_clock.now())
-        token = _current_step.set(name)
+        token = current_step.set(name)
         try:
             value = await attempts.call(
                 call,
@@ -497,11 +421,11 @@ class Execution:
             )
             raise
         finally:
-            _current_step.reset(token)
+            current_step.reset(token)
         if not held:
             await self._lease_gone()
         result = self._result(output, type_, name)
-        if self._bus.wants("step:complete"):
+        if self._bus.listens(StepCompleteEvent):
             self._emit(
                 StepCompleteEvent,
                 step_name=name,
@@ -557,49 +481,10 @@ class Execution:
             message = f"stored result of step {name!r} does not decode as {expected}: {exc}"
             raise ValidationError(message) from exc
 
-    # --- progress and logs ----------------------------------------------------------
-
-    # Sync steps run on other threads; progress and logs are handed to the loop's thread.
+    # --- progress and logs (durably/_reports.py) -------------------------------------
 
     def progress(self, current: float, total: float | None, message: str | None) -> None:
-        self._on_loop(self._record_progress, checked_progress(current, total, message))
+        self._reports.progress(current, total, message)
 
     def log(self, level: LogLevel, message: str, data: dict[str, Any]) -> None:
-        _codec.canonical(data, dict[str, Any], what=f"the data of log line {message!r}")
-        step_name = _current_step.get()
-        getattr(self._log, "warning" if level == "warn" else level)(message, step_name=step_name, **data)
-        entry = LogEntry(
-            level=level,
-            message=str(message),
-            data=data,
-            step_name=step_name,
-            created_at=_clock.to_datetime(_clock.now()),
-        )
-        self._on_loop(self._record_log, entry)
-
-    def _on_loop(self, record: Callable[[Any], None], value: Any) -> None:
-        if threading.get_ident() == self._loop_thread:
-            record(value)
-        else:
-            self._loop.call_soon_threadsafe(record, value)
-
-    def _record_progress(self, progress: Progress) -> None:
-        if self._replaying:
-            self._held_progress = progress
-            return
-        self._emit(RunProgressEvent, progress=progress)
-        self._telemetry.add_progress(progress)
-
-    def _record_log(self, entry: LogEntry) -> None:
-        skip = self._logs_to_skip.get(entry.step_name, 0)
-        if skip:  # stored before the interruption by this same call
-            self._logs_to_skip[entry.step_name] = skip - 1
-            return
-        self._emit(
-            LogWriteEvent,
-            step_name=entry.step_name,
-            level=entry.level,
-            message=entry.message,
-            data=entry.data,
-        )
-        self._telemetry.add_log(entry)
+        self._reports.log(level, message, data)

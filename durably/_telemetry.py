@@ -42,7 +42,7 @@ class TelemetryBuffer:
         self._pending = Telemetry()
         self._written_at = 0.0
         self._due: anyio.Event | None = None
-        self._flusher = anyio.CancelScope()
+        self._flusher: anyio.CancelScope | None = None  # made by the flusher: most runs have none
         self._closed = False
 
     def add_progress(self, progress: Progress) -> None:
@@ -76,7 +76,8 @@ class TelemetryBuffer:
     def close(self) -> None:
         """No more periodic writes: the run's outcome write carries what is left."""
         self._closed = True
-        self._flusher.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
 
     def _changed(self) -> None:
         if self._closed:
@@ -87,6 +88,9 @@ class TelemetryBuffer:
         self._due.set()
 
     async def _flush(self) -> None:
+        if self._closed:  # closed before this task started
+            return
+        self._flusher = anyio.CancelScope()
         with self._flusher:
             await self._flush_forever()
 

@@ -15,9 +15,10 @@ import structlog
 
 from durably import _clock, _otel
 from durably._events import EventBus, WorkerErrorEvent
+from durably._fencing import bounded, describe
 from durably._models import ClaimedRun, Finished
 from durably._polling import IdlePolling
-from durably._runtime import Execution, bounded, describe
+from durably._runtime import Execution
 from durably._storage._protocol import Claim, Lease, LeaseOffer, Storage, Telemetry
 from durably.errors import StorageError
 
@@ -315,7 +316,11 @@ class Worker:
             self._finishing.discard(execution)
             if self._active.get(execution.run_id) is execution:
                 del self._active[execution.run_id]
-            self.wake(execution.wake_at)
+            # Its outcome may make runs claimable (a concurrency key, a parent): look if a
+            # slot is free. A slot its body freed was refilled already; the next body's end
+            # looks again.
+            if execution.wake_at is not None or self._free() > 0:
+                self.wake(execution.wake_at)
 
     async def process(self, limit: int, *, deadline: float | None = None) -> tuple[int, int]:
         """Claim up to ``limit`` runs, execute them with lease renewal; how many were claimed,

@@ -125,7 +125,12 @@ class RunChanges(msgspec.Struct, frozen=True):
 
 @runtime_checkable
 class Storage(Protocol):
-    """Where runs, steps and logs live. Constructors do no I/O; errors are ``StorageError``."""
+    """Where runs, steps and logs live. Constructors do no I/O; errors are ``StorageError``.
+
+    A trigger, a lease-ending write or a run-API change (retry, cancel, delete, signal,
+    purge) whose request a driver sends again after losing its answer (SPEC §15) answers
+    as its first send did, and changes nothing twice.
+    """
 
     @property
     def url(self) -> str:

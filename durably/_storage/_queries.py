@@ -198,17 +198,30 @@ STEP_ATTEMPTS = f"""
 SELECT run_id, name, attempts FROM durably_steps
 WHERE status = 'failed' AND completed_at IS NULL AND run_id IN ({_RESUMED_BY})"""
 
+# Run-API writes (schema v5) carry a token of their own: ``NOT_WRITTEN`` (with the token as
+# ?2 or ?4) keeps a re-send of a request that had landed from changing anything twice, and the
+# RECORD_* statement after the change stores the token, so WRITTEN tells both sends what the
+# first one did (SPEC §15). changes() is the row count of the statement just before.
+_NOT_WRITTEN = "NOT EXISTS (SELECT 1 FROM durably_writes WHERE token = ?{})"
+RECORD_CHANGE = f"""
+INSERT INTO durably_writes (token, answer, created_at) SELECT ?, NULL, {NOW} WHERE changes() > 0"""
+RECORD_COUNT = f"""
+INSERT INTO durably_writes (token, answer, created_at) VALUES (?, changes(), {NOW})
+ON CONFLICT (token) DO NOTHING"""
+WRITTEN = "SELECT answer FROM durably_writes WHERE token = ?"
+PRUNE_WRITES = f"DELETE FROM durably_writes WHERE created_at < {NOW} - ?"
+
 CANCEL_RUN = f"""
 UPDATE durably_runs SET status = 'cancelled', completed_at = {NOW},
     lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, change_seq = {NEXT_CHANGE}
-WHERE id = ? AND status IN ('pending', 'leased', 'waiting') RETURNING 1"""
+WHERE id = ?1 AND status IN ('pending', 'leased', 'waiting') AND {_NOT_WRITTEN.format(2)}"""
 
 RETRY_RUN = f"""
 UPDATE durably_runs SET status = 'pending', attempt = attempt + 1, output = NULL,
     error = NULL, started_at = NULL, completed_at = NULL,
     lease_owner = NULL, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
     change_seq = {NEXT_CHANGE}
-WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING 1"""
+WHERE id = ?1 AND status IN ('failed', 'cancelled') AND {_NOT_WRITTEN.format(2)}"""
 
 DELETE_STEPS = f"""
 DELETE FROM durably_steps WHERE run_id = ?1
@@ -223,10 +236,15 @@ DELETE_LABELS = f"""
 DELETE FROM durably_labels
 WHERE run_seq = (SELECT seq FROM durably_runs WHERE id = ? AND status IN {TERMINAL})"""
 DELETE_RUN = f"DELETE FROM durably_runs WHERE id = ? AND status IN {TERMINAL} RETURNING {RUN_COLUMNS}"
+# Before DELETE_RUN: the run it is about to delete, for a re-send to answer with.
+RECORD_DELETED = f"""
+INSERT INTO durably_writes (token, answer, created_at)
+SELECT ?2, json_array({RUN_COLUMNS}), {NOW} FROM durably_runs WHERE id = ?1 AND status IN {TERMINAL}"""
 
 _PURGE_VICTIMS = f"""
 SELECT seq FROM durably_runs
-WHERE completed_at < ?1 AND status IN {TERMINAL} ORDER BY completed_at LIMIT ?2"""
+WHERE completed_at < ?1 AND status IN {TERMINAL} AND {_NOT_WRITTEN.format(3)}
+ORDER BY completed_at LIMIT ?2"""
 PURGE_STEPS = f"""
 DELETE FROM durably_steps
 WHERE run_id IN (SELECT id FROM durably_runs WHERE seq IN ({_PURGE_VICTIMS}))"""
@@ -345,11 +363,12 @@ WAIT_RESOLUTION = "SELECT output FROM durably_steps WHERE run_id = ?1 AND name =
 INSERT_SIGNAL = f"""
 INSERT INTO durably_signals (run_id, name, payload, created_at)
 SELECT ?1, ?2, ?3, {NOW} WHERE EXISTS (
-    SELECT 1 FROM durably_runs WHERE id = ?1 AND status NOT IN {TERMINAL})
-RETURNING 1"""
+    SELECT 1 FROM durably_runs WHERE id = ?1 AND status NOT IN {TERMINAL}) AND {_NOT_WRITTEN.format(4)}"""
+# Only for a signal still there to consume: a re-send does not wake a later wait of that name.
 WAKE_FOR_SIGNAL = f"""
 UPDATE durably_runs SET wake_at = {NOW}
-WHERE id = ?1 AND status = 'waiting' AND waiting_for = 'signal:' || ?2"""
+WHERE id = ?1 AND status = 'waiting' AND waiting_for = 'signal:' || ?2
+  AND EXISTS (SELECT 1 FROM durably_signals WHERE run_id = ?1 AND name = ?2 AND consumed_by IS NULL)"""
 
 # The last child to end wakes its waiting parent, in the write that ends the child.
 WAKE_PARENT = f"""

@@ -131,6 +131,19 @@ MIGRATIONS: Sequence[Sequence[str]] = (
         "DROP TRIGGER IF EXISTS durably_runs_inserted",
         "DROP TRIGGER IF EXISTS durably_runs_updated",
     ),
+    # 5: run-API writes (retry, cancel, delete, signal, purge) record a token of their own in
+    # the write that makes their change, with what a caller cannot read back afterwards (the
+    # deleted run, the purged count). A request re-sent after its answer was lost finds its
+    # token: it changes nothing twice and answers as the first send did (SPEC §15). Tokens
+    # live ten minutes (a re-send follows within one request timeout); each write prunes them.
+    (
+        """CREATE TABLE IF NOT EXISTS durably_writes (
+            token TEXT PRIMARY KEY,
+            answer TEXT,
+            created_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS durably_writes_created ON durably_writes (created_at)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -14,7 +14,7 @@ from durably import _codec
 from durably._clock import to_datetime
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run, Step
 from durably._storage import _queries as q
-from durably._storage import _waits
+from durably._storage import _run_api, _waits
 from durably._storage._driver import Driver, Row, Statement, Value
 from durably._storage._protocol import (
     Claim,
@@ -39,7 +39,7 @@ from durably._storage._rows import (
     run_from_row,
 )
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
-from durably.errors import ConflictError, NotFoundError, StorageError
+from durably.errors import NotFoundError, StorageError
 
 # A run whose lease ended under a given generation, leaving it in a given status.
 _ENDED_AS = "SELECT 1 FROM durably_runs WHERE id = ? AND lease_generation = ? AND status = ?"
@@ -421,46 +421,15 @@ class SqlStorage:
             for step, level, message, data, created in rows
         ]
 
-    async def _change_status(self, sql: str, run_id: str) -> tuple[Run, bool]:
-        changed, current = await self._driver.write([(sql, (run_id,)), (q.SELECT_RUN_BY_ID, (run_id,))])
-        if not current:
-            raise NotFoundError(f"no run with id {run_id!r}")
-        return run_from_row(current[0]), bool(changed)
-
     async def cancel_run(self, run_id: str) -> tuple[Run, bool]:
-        changed, _, _, current = await self._driver.write(
-            [
-                (q.CANCEL_RUN, (run_id,)),
-                (q.CANCEL_DESCENDANTS, (run_id,)),
-                (q.WAKE_PARENT, (run_id,)),
-                (q.SELECT_RUN_BY_ID, (run_id,)),
-            ]
-        )
-        if not current:
-            raise NotFoundError(f"no run with id {run_id!r}")
-        run = run_from_row(current[0])
-        if not changed and run.status != "cancelled":
-            raise ConflictError(f"run {run_id} is {run.status} and cannot be cancelled")
-        return run, bool(changed)
+        return await _run_api.cancel_run(self._driver, run_id)
 
     async def wait(self, lease: Lease, request: WaitRequest, telemetry: Telemetry) -> WaitResult:
         logs = _log_statements(lease, telemetry)
         return await _waits.wait(self._driver, lease, request, logs, _progress_json(telemetry.progress))
 
     async def send_signal(self, run_id: str, name: str, payload: bytes) -> Run:
-        stored, _, current = await self._driver.write(
-            [
-                (q.INSERT_SIGNAL, (run_id, name, payload.decode())),
-                (q.WAKE_FOR_SIGNAL, (run_id, name)),
-                (q.SELECT_RUN_BY_ID, (run_id,)),
-            ]
-        )
-        if not current:
-            raise NotFoundError(f"no run with id {run_id!r}")
-        run = run_from_row(current[0])
-        if not stored:
-            raise ConflictError(f"run {run_id} is {run.status}: an ended run takes no signals")
-        return run
+        return await _run_api.send_signal(self._driver, run_id, name, payload)
 
     async def register_schedules(self, names: Sequence[str]) -> dict[str, float]:
         encoded = _codec.encode(list(names)).decode()
@@ -474,42 +443,13 @@ class SqlStorage:
         return as_float(rows[0][0]) if rows else None
 
     async def retry_run(self, run_id: str) -> Run:
-        run, changed = await self._change_status(q.RETRY_RUN, run_id)
-        if not changed:
-            raise ConflictError(f"run {run_id} is {run.status}; only failed or cancelled runs can be retried")
-        return run
+        return await _run_api.retry_run(self._driver, run_id)
 
     async def delete_run(self, run_id: str) -> Run:
-        results = await self._driver.write(
-            [
-                (q.DELETE_STEPS, (run_id,)),
-                (q.DELETE_LOGS, (run_id,)),
-                (q.DELETE_SIGNALS, (run_id,)),
-                (q.DELETE_LABELS, (run_id,)),
-                (q.DELETE_RUN, (run_id,)),
-                (q.SELECT_RUN_BY_ID, (run_id,)),
-            ]
-        )
-        deleted, remaining = results[-2], results[-1]
-        if deleted:
-            return run_from_row(deleted[0])
-        if not remaining:
-            raise NotFoundError(f"no run with id {run_id!r}")
-        status = as_text(remaining[0][2])
-        raise ConflictError(f"run {run_id} is {status}; only ended runs can be deleted")
+        return await _run_api.delete_run(self._driver, run_id)
 
     async def purge_runs(self, *, completed_before: datetime, limit: int) -> int:
-        params = (completed_before.timestamp(), limit)
-        results = await self._driver.write(
-            [
-                (q.PURGE_STEPS, params),
-                (q.PURGE_LOGS, params),
-                (q.PURGE_SIGNALS, params),
-                (q.PURGE_LABELS, params),
-                (q.PURGE_RUNS, params),
-            ]
-        )
-        return len(results[-1])
+        return await _run_api.purge_runs(self._driver, completed_before.timestamp(), limit)
 
     async def close(self) -> None:
         await self._driver.close()

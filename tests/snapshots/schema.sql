@@ -134,3 +134,13 @@ CREATE TRIGGER durably_steps_updated AFTER UPDATE ON durably_steps BEGIN
             UPDATE durably_runs SET change_seq = (SELECT MAX(change_seq) FROM durably_runs) + 1
             WHERE id = NEW.run_id;
         END;
+
+-- table durably_writes
+CREATE TABLE durably_writes (
+            token TEXT PRIMARY KEY,
+            answer TEXT,
+            created_at REAL NOT NULL
+        ) WITHOUT ROWID;
+
+-- index durably_writes_created
+CREATE INDEX durably_writes_created ON durably_writes (created_at);
