@@ -13,7 +13,6 @@ import asyncio
 import base64
 import functools
 import random
-import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -27,9 +26,7 @@ _logger = structlog.get_logger("durably")
 
 _MAX_CONNECTIONS = 16
 _MAX_GROUP = 128  # write operations per transaction
-_MIN_GROUPS = 2  # write groups in flight per event loop, always allowed: one answered, one sent
-_MAX_GROUPS = 4  # ... at most, while sqld gives its write lock at once
-_QUEUED_MS = 5.0  # a wait for sqld's write lock longer than this: transactions queued there
+_GROUPS_IN_FLIGHT = 2  # per event loop: one being answered while the next is sent
 _BUSY_RETRIES = 12
 _FIRST_BACKOFF = 0.005
 _MAX_BACKOFF = 0.5
@@ -94,7 +91,6 @@ _Cell = _Null | _Integer | _Float | _Text | _Blob
 
 class _StmtResult(msgspec.Struct):
     rows: list[list[_Cell]]
-    query_duration_ms: float | None = None  # sqld >= 0.24; BEGIN's includes its wait for the lock
 
 
 class _Error(msgspec.Struct):
@@ -265,12 +261,6 @@ class _Group:
         return answers
 
 
-def _lock_wait(result: _BatchResult) -> float | None:
-    """Milliseconds a group's ``BEGIN IMMEDIATE`` took: its wait for sqld's write lock."""
-    begin = result.step_results[0] if result.step_results else None
-    return None if begin is None else begin.query_duration_ms
-
-
 def _kind(response: _Response) -> str:
     return type(response).__name__.strip("_").lower()
 
@@ -284,35 +274,6 @@ def _answers(payload: bytes, expected: int) -> list[_Ok | _Failed]:
     if len(results) != expected + 1:
         raise ProtocolError(f"{len(results)} results for {expected + 1} requests")
     return results[:expected]
-
-
-class _WriteWindow:
-    """How many write groups one event loop may have in flight: AIMD on sqld's lock waits.
-
-    sqld runs one writer at a time, and with many transactions waiting for its lock it
-    spun its CPU and left requests unanswered (4 processes x 4 groups in flight at 10 ms
-    RTT): its busy handler retries at once while no holder is registered, and wakes one
-    waiter per commit. But at 40 ms RTT a group spends its time on the wire, and two in
-    flight held one process back. So the window grows by about one group per round trip
-    while each ``BEGIN IMMEDIATE`` got the lock within ``_QUEUED_MS`` (sqld reports each
-    statement's duration), and halves, down to ``_MIN_GROUPS``, on a longer wait or a
-    busy answer. A server that reports no durations keeps ``_MIN_GROUPS``.
-    """
-
-    def __init__(self) -> None:
-        self.limit = float(_MIN_GROUPS)
-        self.in_flight = 0
-
-    @property
-    def full(self) -> bool:
-        return self.in_flight >= int(self.limit)
-
-    def answered(self, lock_wait_ms: float | None, *, busy: bool) -> None:
-        """A write group was answered; it waited ``lock_wait_ms`` for the lock, or was ``busy``."""
-        if lock_wait_ms is None or busy or lock_wait_ms > _QUEUED_MS:
-            self.limit = max(_MIN_GROUPS, self.limit / 2)
-        else:
-            self.limit = min(_MAX_GROUPS, self.limit + 1 / self.limit)
 
 
 class HranaClient:
@@ -339,10 +300,7 @@ class HranaClient:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._queued: dict[asyncio.AbstractEventLoop, list[_Queued]] = {}
         self._sending: set[asyncio.Task[None]] = set()
-        # Per event loop, forgotten with it (serverless handlers may run a loop per call).
-        self._windows: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteWindow] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._writing: dict[asyncio.AbstractEventLoop, int] = {}  # write groups in flight
         self._held: dict[asyncio.AbstractEventLoop, list[_Write]] = {}  # writes for the next group
 
     def _session_for(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession:
@@ -367,30 +325,26 @@ class HranaClient:
     def _send_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         queued = self._queued.pop(loop)
         writes = any(isinstance(item, _Write) for item in queued)
-        window = self._window(loop)
-        if writes and window.full:
-            # sqld runs one writer at a time (_WriteWindow): these join the next group.
+        if writes and self._writing.get(loop, 0) >= _GROUPS_IN_FLIGHT:
+            # sqld runs one writer at a time, and spun its CPU with dozens waiting for its
+            # lock (4 processes x 16 requests): these writes join the next group instead.
             self._held.setdefault(loop, []).extend(item for item in queued if isinstance(item, _Write))
             queued = [item for item in queued if isinstance(item, _Read)]
             writes = False
         if not queued:
             return
         if writes:
-            window.in_flight += 1
+            self._writing[loop] = self._writing.get(loop, 0) + 1
         task = loop.create_task(self._send(queued, loop))
         self._sending.add(task)
         task.add_done_callback(functools.partial(self._sent, loop, writes))
 
-    def _window(self, loop: asyncio.AbstractEventLoop) -> _WriteWindow:
-        window = self._windows.get(loop)
-        if window is None:
-            window = self._windows[loop] = _WriteWindow()
-        return window
-
     def _sent(self, loop: asyncio.AbstractEventLoop, wrote: bool, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
         if wrote:
-            self._window(loop).in_flight -= 1
+            self._writing[loop] -= 1
+            if not self._writing[loop]:
+                del self._writing[loop]
             for item in self._held.pop(loop, []):
                 if not item.future.done():
                     self._enqueue(item, loop)
@@ -444,13 +398,11 @@ class HranaClient:
         body = _encoder.encode({"baton": None, "requests": [*requests, {"type": "close"}]})
         results = _answers(await self._post(body, loop), len(requests))
         answers: list[_Answer] = []
-        waits: list[float | None] = []
         for group, result in zip(groups, results[: len(groups)], strict=True):
             if isinstance(result, _Failed):
                 answers += [(write, _error(result.error)) for write in group.writes]
             elif isinstance(result.response, _Batch):
                 answers += group.answer(result.response.result)
-                waits.append(_lock_wait(result.response.result))
             else:
                 raise ProtocolError(f"a {_kind(result.response)} answer to a batch")
         for read, result in zip(reads, results[len(groups) :], strict=True):
@@ -460,10 +412,6 @@ class HranaClient:
                 answers.append((read, _rows(result.response.result)))
             else:
                 raise ProtocolError(f"a {_kind(result.response)} answer to an execute")
-        if groups:
-            busy = any(isinstance(answer, HranaError) and answer.busy for _, answer in answers)
-            known = [wait for wait in waits if wait is not None]
-            self._window(loop).answered(max(known) if known else None, busy=busy)
         return answers
 
     async def _forget_session(self) -> None:
