@@ -234,6 +234,7 @@ class Worker:
                 self._freed = anyio.Event()  # before looking, so a slot freed meanwhile is kept
                 filled = all(result is True for result in results)
                 if filled and in_flight < _CLAIMS_IN_FLIGHT and not self._stopping and self._free() > 0:
+                    self._wake = anyio.Event()  # as in serve(): this claim looks for what it asked
                     in_flight += 1
                     claims.start_soon(claim)
                 if not in_flight:
