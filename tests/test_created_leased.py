@@ -192,6 +192,7 @@ async def test_a_due_run_or_a_stale_lease_goes_first(make_durably: Callable[...,
     behind_due = await durably.jobs.quick.trigger({"i": 1})
     assert behind_due.status == "pending"
     await durably.wait_for_run(behind_due.id, timeout=10)
+    await anyio.sleep(0.2)  # the claims its ending woke are done: the worker idles again
     [stale] = await elsewhere.storage.create_runs([_new("quick")])
     await elsewhere.storage.claim_runs(worker_id="gone", job_names=["quick"], limit=1, lease_seconds=0.01)
     await anyio.sleep(0.1)
