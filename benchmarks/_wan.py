@@ -11,10 +11,15 @@ with the CPU seconds of every process involved. L and the drains are measured wi
 and with pipelined checkpoints.
 
     python -m benchmarks._wan --checkpoints [RTT_MS ...]   # only those rows, both modes
+    python -m benchmarks._wan --cell RTT_MS --conc N [--mode M] [--fleet P] [--trials T]
+
+``--cell`` measures one drain cell T times, each on a fresh sqld: one process (n as in
+the table) or, with ``--fleet P``, P worker processes x c=N draining ``FLEET_RUNS``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -145,12 +150,15 @@ def machine_busy() -> tuple[float, float]:
     return (sum(ticks) - idle) / _TICKS, sum(ticks) / _TICKS
 
 
-async def fleet(root: Path, processes: int, conc: int, n: int) -> dict[str, float]:
-    """``processes`` worker processes x ``conc`` at 10 ms draining ``n`` runs triggered at once."""
-    with behind_proxy(root, 10) as (server, proxy):
-        setup = create_durably(server.http_url).register(job=make_job(3))
+async def fleet(
+    root: Path, processes: int, conc: int, n: int, *, rtt_ms: int = 10, checkpoints: str = "sync"
+) -> dict[str, float]:
+    """``processes`` worker processes x ``conc`` draining ``n`` runs triggered at once."""
+    with behind_proxy(root, rtt_ms) as (server, proxy):
+        setup = create_durably(server.http_url).register(job=make_job(3, checkpoints))
         await setup.migrate()
         command = [sys.executable, "-m", "benchmarks._wan", "--host", proxy.url, "--conc", str(conc)]
+        command += ["--mode", checkpoints]
         hosts = [_spawn(command) for _ in range(processes)]
         try:
             for host in hosts:
@@ -201,13 +209,13 @@ async def _until_completed(url: str, n: int, timeout: float) -> int:
         await asyncio.sleep(0.05)
 
 
-async def host(url: str, conc: int) -> None:
+async def host(url: str, conc: int, checkpoints: str) -> None:
     """A worker process for ``fleet``: works ``url`` until its stdin closes."""
     # No idle backoff: the runs are triggered elsewhere, and the drain, not pickup, is timed.
     durably = create_durably(
         url, polling_interval=0.001, max_polling_interval=0.001, max_concurrent_runs=conc
     )
-    durably.register(job=make_job(3))
+    durably.register(job=make_job(3, checkpoints))
     async with durably:
         print("ready", flush=True)
         os.dup2(2, 1)  # later output (logs) to stderr: no one reads this pipe any more
@@ -319,8 +327,38 @@ async def checkpoint_rows(rtts: list[int]) -> None:
     print_table({rtt: await measure_rtt(root, rtt, None) for rtt in rtts}, {})
 
 
+async def cells(options: argparse.Namespace) -> None:
+    """``options.trials`` measurements of one drain cell, each on a fresh sqld."""
+    root = Path(tempfile.mkdtemp(prefix="durably-wan-"))
+    rtt, conc, mode = options.cell, options.conc, options.mode
+    for trial in range(1, options.trials + 1):
+        if options.fleet:
+            cell = await fleet(root, options.fleet, conc, FLEET_RUNS, rtt_ms=rtt, checkpoints=mode)
+        else:
+            with behind_proxy(root, rtt) as (_, proxy):
+                cell = await drain(proxy, conc, DRAIN_RUNS[(rtt, conc)], mode)
+        shown = " ".join(f"{key}={value:.3g}" for key, value in cell.items())
+        print(f"{rtt} ms {options.fleet or 1} x c={conc} {mode} trial {trial}: {shown}", flush=True)
+
+
+def _options() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._wan", description=__doc__.split("\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoints", nargs="*", type=int, metavar="RTT_MS", help="L, drain rows")
+    what.add_argument("--cell", type=int, choices=RTTS_MS, metavar="RTT_MS", help="one drain cell")
+    what.add_argument("--host", metavar="URL", help="(internal) one worker process of a fleet")
+    parser.add_argument("--conc", type=int, default=8, help="max_concurrent_runs per process (default 8)")
+    parser.add_argument("--mode", choices=CHECKPOINTS, default="sync", help="checkpoints (default sync)")
+    parser.add_argument("--fleet", type=int, default=0, metavar="P", help="P worker processes (--cell)")
+    parser.add_argument("--trials", type=int, default=1, help="measurements of the cell (default 1)")
+    return parser.parse_args()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--checkpoints":
-        asyncio.run(checkpoint_rows([int(rtt) for rtt in sys.argv[2:]] or list(RTTS_MS)))
-    else:  # python -m benchmarks._wan --host URL --conc N: one worker process of the fleet row.
-        asyncio.run(host(sys.argv[2], int(sys.argv[4])))
+    arguments = _options()
+    if arguments.checkpoints is not None:
+        asyncio.run(checkpoint_rows(arguments.checkpoints or list(RTTS_MS)))
+    elif arguments.cell is not None:
+        asyncio.run(cells(arguments))
+    else:
+        asyncio.run(host(arguments.host, arguments.conc, arguments.mode))
