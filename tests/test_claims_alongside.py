@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from durably import Durably, StepContext, create_durably, define_job
-from durably._models import ClaimedRun
+from durably._storage._protocol import Claim
 
 from .support.latency import LatencyProxy
 from .support.sqld import SqldServer
@@ -37,7 +37,7 @@ async def front(server: SqldServer) -> AsyncIterator[LatencyProxy]:
         yield proxy
 
 
-class Claim:
+class ClaimRecord:
     """One of the worker's claims: slots asked, runs taken, when it started and ended."""
 
     def __init__(self, asked: int) -> None:
@@ -47,16 +47,16 @@ class Claim:
         self.ended: float | None = None
 
 
-def record_claims(durably: Durably) -> list[Claim]:
+def record_claims(durably: Durably) -> list[ClaimRecord]:
     """Every claim of ``durably``'s worker, listed as it starts: a thin recording wrapper."""
-    claims: list[Claim] = []
+    claims: list[ClaimRecord] = []
     claim = durably.storage.claim_runs
 
-    async def recording(**kwargs: Any) -> list[ClaimedRun]:
-        record = Claim(kwargs["limit"])
+    async def recording(**kwargs: Any) -> Claim:
+        record = ClaimRecord(kwargs["limit"])
         claims.append(record)
         claimed = await claim(**kwargs)
-        record.taken, record.ended = len(claimed), anyio.current_time()
+        record.taken, record.ended = len(claimed.runs), anyio.current_time()
         return claimed
 
     durably.storage.claim_runs = recording  # type: ignore[method-assign]
