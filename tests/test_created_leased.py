@@ -261,15 +261,22 @@ async def test_a_claim_that_overlapped_a_created_leased_run_gives_back_what_has_
     durably = await serving(make_durably, polling_interval=0.02, stale_threshold=10.0, heartbeat_interval=1.0)
     elsewhere = await other(make_durably)
     claim, answered, hold = durably.storage.claim_runs, anyio.Event(), anyio.Event()
+    idle_claims = 0
 
     async def slow_answer(**kwargs: Any) -> Claim:
+        nonlocal idle_claims
         claimed = await claim(**kwargs)
         if claimed.runs:
             answered.set()
             await hold.wait()  # the answer is on its way while the trigger below runs
+        else:
+            idle_claims += 1
         return claimed
 
     durably.storage.claim_runs = slow_answer  # type: ignore[method-assign]
+    # A claim sent before the wrapper was in place could take the run below unseen: wait
+    # for one that went through it (an idle worker has one claim in flight at a time).
+    await until(lambda: idle_claims > 0)
     older = await elsewhere.jobs.held.trigger({"i": 0})  # the worker's next poll claims it
     with anyio.fail_after(10):
         await answered.wait()
