@@ -22,6 +22,11 @@ from durably._storage._protocol import StepRecord
 #: steps (plus the one that was running) run again.
 MAX_UNACKNOWLEDGED = 8
 
+#: How long the first checkpoint of a burst waits before it leaves (seconds), so quick steps
+#: that follow it, and a completion right after them, travel in one write: a 3-step run of
+#: quick steps is then one write, not two. Against a round trip of 10-50 ms it costs nothing.
+LINGER = 0.002
+
 
 class CheckpointPipeline:
     """The unacknowledged checkpoints of one execution, written one batch at a time.
@@ -100,6 +105,7 @@ class CheckpointPipeline:
     async def _write_queued(self) -> None:
         """The writer: one batch at a time until the queue is empty or a write fails."""
         try:
+            await anyio.sleep(LINGER)  # the run's end meanwhile takes the queue (``settle``)
             while self._queued and not self.failed and not self._settling:
                 batch, self._queued = self._queued, []
                 self._in_flight = len(batch)

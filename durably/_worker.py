@@ -230,7 +230,7 @@ class Worker:
         trips, whatever the other writes did.
         """
         results: list[bool | Exception] = []
-        in_flight = 0
+        in_flight = 1  # the first claim, made below in this very pass
 
         async def claim() -> None:
             nonlocal in_flight
@@ -241,17 +241,22 @@ class Worker:
             in_flight -= 1
             self._freed.set()
 
-        async with anyio.create_task_group() as claims:
-            while True:
+        async def alongside() -> None:
+            nonlocal in_flight
+            while in_flight:
                 self._freed = anyio.Event()  # before looking, so a slot freed meanwhile is kept
                 filled = all(result is True for result in results)
                 if filled and in_flight < _CLAIMS_IN_FLIGHT and not self._stopping and self._free() > 0:
                     self._wake = anyio.Event()  # as in serve(): this claim looks for what it asked
                     in_flight += 1
                     claims.start_soon(claim)
-                if not in_flight:
-                    break
                 await self._freed.wait()  # a slot freed, or a claim ended: bounded by its timeout
+
+        async with anyio.create_task_group() as claims:
+            claims.start_soon(alongside)
+            # Inline, not a task: the claim leaves in this pass of the loop, so it shares a
+            # request with the writes made in it (the completion of the run that freed the slot).
+            await claim()
         errors = [result for result in results if isinstance(result, Exception)]
         if errors:
             raise errors[0]

@@ -10,10 +10,10 @@ import anyio
 import pytest
 
 from durably import open_storage
-from durably._ids import new_run_id
 from durably._models import NewRun, Run
 from durably._storage import _queries as q
 from durably._storage._protocol import RunFilter, Storage
+from tests.support.runs import new_run
 
 pytestmark = pytest.mark.anyio
 
@@ -21,17 +21,7 @@ pytestmark = pytest.mark.anyio
 def _new(
     *, priority: int = 0, delay: float | None = None, run_at: float | None = None, key: str | None = None
 ) -> NewRun:
-    return NewRun(
-        id=new_run_id(),
-        job_name="job",
-        input=b"{}",
-        labels={},
-        idempotency_key=None,
-        concurrency_key=key,
-        priority=priority,
-        delay=delay,
-        run_at=run_at,
-    )
+    return new_run(concurrency_key=key, priority=priority, delay=delay, run_at=run_at)
 
 
 async def _claim_ids(storage: Storage, limit: int = 10) -> list[str]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from durably._ids import new_run_id
 from durably._models import LogEntry, NewRun
 from durably._storage import _queries as q
 from durably._storage._driver import Driver, Row, Statement, Value
@@ -19,6 +18,7 @@ from durably._storage._protocol import Claim, Lease, StepRecord, Telemetry
 from durably._storage._sql import SqlStorage
 from durably.adapters._local import LocalFileDriver
 from durably.adapters._remote import RemoteDriver
+from tests.support.runs import new_run
 from tests.support.sqld import SqldServer
 
 pytestmark = pytest.mark.anyio
@@ -83,9 +83,7 @@ _OPTIONS: dict[str, Any] = {"worker_id": "w", "job_names": ["job"], "limit": 5, 
 
 
 def _new() -> NewRun:
-    return NewRun(
-        id=new_run_id(), job_name="job", input=b"{}", labels={}, idempotency_key=None, concurrency_key=None
-    )
+    return new_run()
 
 
 async def test_an_idle_poll_and_a_claim_of_fresh_runs_are_one_request(

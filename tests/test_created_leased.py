@@ -19,11 +19,11 @@ from anyio import to_thread
 
 from durably import Durably, StepContext, define_job
 from durably._events import Event
-from durably._ids import new_run_id
 from durably._models import ClaimedRun, NewRun
 from durably._storage import _queries as q
 from durably._storage._protocol import Claim, Lease, LeaseOffer, RunFilter, Storage, Telemetry
 from durably.adapters import open_storage
+from tests.support.runs import new_run
 
 from .support.sqld import SqldServer
 
@@ -346,9 +346,7 @@ async def test_an_instance_that_is_not_serving_creates_runs_pending(
 
 
 def _new(job_name: str) -> NewRun:
-    return NewRun(
-        id=new_run_id(), job_name=job_name, input=b"{}", labels={}, idempotency_key=None, concurrency_key=None
-    )
+    return new_run(job_name)
 
 
 def _offer(owner: str) -> LeaseOffer:

@@ -16,11 +16,11 @@ import anyio
 import pytest
 
 from durably import Durably, StepContext, create_durably, define_job, open_storage
-from durably._ids import new_run_id
 from durably._models import NewRun, Run
 from durably._storage import _queries as q
 from durably._storage._protocol import Claim, Lease, Storage, Telemetry, WaitRequest
 from tests.support.proxy import TcpProxy
+from tests.support.runs import new_run
 
 from .conftest import Database
 
@@ -92,15 +92,7 @@ def _monotonic(run: Run) -> float:
 
 
 def _new(job: str = "job", *, delay: float | None = None, key: str | None = None) -> NewRun:
-    return NewRun(
-        id=new_run_id(),
-        job_name=job,
-        input=b"{}",
-        labels={},
-        idempotency_key=None,
-        concurrency_key=key,
-        delay=delay,
-    )
+    return new_run(job, concurrency_key=key, delay=delay)
 
 
 async def _claim(storage: Storage, within: float = 120.0) -> Claim:

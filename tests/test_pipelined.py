@@ -142,6 +142,21 @@ async def test_a_three_step_run_costs_two_writes(database: Database) -> None:
     assert storage.writes["save_steps"] == storage.writes["complete_run"] == 1
 
 
+@define_job(name="quick", input=dict[str, Any], checkpoints="pipelined")
+async def quick(step: StepContext, payload: dict[str, Any]) -> list[int]:
+    return [await step.run(f"s{index}", lambda index=index: index) for index in range(3)]
+
+
+async def test_a_burst_of_quick_steps_and_the_completion_are_one_write(database: Database) -> None:
+    """The first checkpoint lingers a moment (LINGER): quick steps after it go with it."""
+    durably, storage = _watched(database, latency=0.2)
+    async with _closing(durably.register(quick=quick)):
+        run = await durably.jobs.quick.trigger({})
+        await durably.process_until_idle()
+        assert [s.output for s in await durably.get_steps(run.id)] == [0, 1, 2]
+    assert _checkpoint_writes(storage) == storage.writes["complete_run"] == 1
+
+
 @define_job(name="waits", input=dict[str, Any], checkpoints="pipelined", retries=FAST)
 async def waits(step: StepContext, payload: dict[str, Any]) -> Any:
     first = await step.run("first", _double, 1)

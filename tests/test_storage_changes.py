@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 
 from durably import open_storage
-from durably._ids import new_run_id
 from durably._models import LogEntry, NewRun, Progress
 from durably._storage import _queries as q
 from durably._storage._protocol import Lease, RunFilter, StepRecord, Storage, Telemetry
 from durably._storage._schema import CREATE_VERSION_TABLE, LATEST_VERSION, MIGRATIONS
+from tests.support.runs import new_run
 
 pytestmark = pytest.mark.anyio
 
 
 def _new(job: str = "job-a") -> NewRun:
-    return NewRun(
-        id=new_run_id(), job_name=job, input=b"{}", labels={}, idempotency_key=None, concurrency_key=None
-    )
+    return new_run(job)
 
 
 async def _changed(storage: Storage, cursor: int) -> tuple[list[str], int]:

@@ -12,12 +12,12 @@ import anyio
 import pytest
 
 from durably import ConflictError, NotFoundError, StorageError, open_storage
-from durably._ids import new_run_id
 from durably._models import ClaimedRun, LogEntry, NewRun, Progress, Run
 from durably._storage._driver import Row
 from durably._storage._protocol import Lease, RunFilter, StepRecord, Storage, Telemetry
 from durably._storage._schema import LATEST_VERSION
 from durably._storage._sql import SqlStorage
+from tests.support.runs import new_run
 
 pytestmark = pytest.mark.anyio
 
@@ -33,9 +33,8 @@ def _new(
     labels: dict[str, str] | None = None,
     payload: bytes = b'{"n":1}',
 ) -> NewRun:
-    return NewRun(
-        id=new_run_id(),
-        job_name=job,
+    return new_run(
+        job,
         input=payload,
         labels=labels or {},
         idempotency_key=idempotency_key,

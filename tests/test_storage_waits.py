@@ -10,9 +10,9 @@ import pytest
 
 from durably import ConflictError, NotFoundError
 from durably._codec import decode
-from durably._ids import new_run_id
 from durably._models import ClaimedRun, NewRun
 from durably._storage._protocol import Lease, RunFilter, Storage, Telemetry, WaitRequest
+from tests.support.runs import new_run
 
 pytestmark = pytest.mark.anyio
 
@@ -20,15 +20,7 @@ NOTHING = Telemetry()
 
 
 def _new(job: str = "job", *, key: str | None = None, parent: str | None = None) -> NewRun:
-    return NewRun(
-        id=new_run_id(),
-        job_name=job,
-        input=b"{}",
-        labels={},
-        idempotency_key=key,
-        concurrency_key=None,
-        parent_run_id=parent,
-    )
+    return new_run(job, idempotency_key=key, parent_run_id=parent)
 
 
 async def _claim_one(storage: Storage, job: str = "job") -> ClaimedRun:

@@ -28,6 +28,7 @@ def _record(counter: str, index: int) -> int:
         file.write(f"step{index}\n")
     if index == HANG_AT and first_time:
         time.sleep(60)
+    time.sleep(0.02)  # longer than the pipeline's linger: each step's checkpoint leaves alone
     return index
 
 
