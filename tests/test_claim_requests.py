@@ -4,6 +4,7 @@ due time); remotely one request that carries those reads too (a round trip costs
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,17 +60,12 @@ class _Recording:
 async def recorded(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[tuple[SqlStorage, _Recording]]:
-    if request.param == "local":
-        driver = _Recording(LocalFileDriver(str(tmp_path / "claims.db")))
-        storage = SqlStorage(driver)
-        await storage.migrate()
-        try:
-            yield storage, driver
-        finally:
-            await storage.close()
-        return
-    with SqldServer(tmp_path / "sqld") as server:
-        driver = _Recording(RemoteDriver(server.http_url))
+    with contextlib.ExitStack() as stack:
+        if request.param == "local":
+            inner: Driver = LocalFileDriver(str(tmp_path / "claims.db"))
+        else:
+            inner = RemoteDriver(stack.enter_context(SqldServer(tmp_path / "sqld")).http_url)
+        driver = _Recording(inner)
         storage = SqlStorage(driver)
         await storage.migrate()
         try:
