@@ -229,6 +229,10 @@ class Worker:
         one claim at a time took cohorts in turn (7, 1, 7, 1, ...): 8 runs per two round
         trips, whatever the other writes did.
         """
+        if len(self._running) <= len(self._finishing):
+            # No body runs that could free a slot while this claim is in flight (an idle
+            # worker, or c=1 between runs): no claims alongside to watch for.
+            return await self._claim_and_start(task_group)
         results: list[bool | Exception] = []
         in_flight = 1  # the first claim, made below in this very pass
 
